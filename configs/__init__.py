@@ -1,0 +1,1 @@
+"""Bundled model configs (HF config.json format), addressable by name: ``JambaConfig.named("jamba-1.5-mini")``."""

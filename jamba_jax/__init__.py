@@ -1,0 +1,13 @@
+"""jamba_jax: AI21's Jamba-1.5 hybrid Transformer-Mamba MoE models in JAX/Flax."""
+
+from .api import Jamba, forward, load
+from .config import ConfigError, JambaConfig, config_names
+from .convert.hf_checkpoint import CheckpointError
+from .model import JambaLM, abstract_params, init_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "Jamba", "JambaConfig", "JambaLM", "abstract_params",
+    "config_names", "forward", "init_params", "load",
+]

@@ -1,0 +1,87 @@
+"""The user-facing entry points: `Jamba`, `load` and `forward`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError, JambaConfig
+from .convert.hf_checkpoint import CheckpointError, load_hf_params
+from .model import JambaLM
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Jamba:
+    """A loaded model: its config, its params (a plain pytree in ``dtype``) and, when the checkpoint
+    has one, its ``tokenizers.Tokenizer``. ``scan_impl`` picks the Mamba selective-scan implementation."""
+
+    config: JambaConfig
+    params: Any
+    tokenizer: Any = None
+    scan_impl: str = "associative"
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jax.tree.leaves(self.params)[0].dtype
+
+    def replace(self, **changes) -> "Jamba":
+        return dataclasses.replace(self, **changes)
+
+
+def load(path: str | Path, *, dtype=None, scan_impl: str = "associative") -> Jamba:
+    """Loads an HF Jamba checkpoint directory (``config.json`` + safetensors, single or sharded).
+
+    ``dtype`` (e.g. ``"float32"``, ``jnp.bfloat16``) defaults to the checkpoint's dtype.
+    Raises ``ConfigError`` / ``CheckpointError`` with a message naming the file or key."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; expected an HF checkpoint directory")
+    config = JambaConfig.from_json(path / "config.json")
+    dtype = jnp.dtype(dtype if dtype is not None else config.dtype)
+    params = load_hf_params(path, config, dtype)
+    return Jamba(config, params, _load_tokenizer(path), scan_impl)
+
+
+def _load_tokenizer(path: Path):
+    file = path / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
+        raise CheckpointError(f"{file}: unreadable tokenizer ({e})") from None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "scan_impl"))
+def _forward(params, input_ids, token_valid, *, config, dtype, scan_impl):
+    return JambaLM(config, dtype, scan_impl).apply({"params": params}, input_ids, token_valid)
+
+
+def forward(model: Jamba, input_ids, attention_mask=None) -> jax.Array:
+    """Logits ``[batch, seq, vocab]`` (in the model's dtype) for ``input_ids [batch, seq]``.
+
+    ``attention_mask [batch, seq]`` (1 = token, 0 = padding) supports left-padded batches: every
+    real position's logits equal those of the same sequence without padding."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask).astype(bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+    return _forward(model.params, input_ids, attention_mask, config=model.config,
+                    dtype=np.dtype(model.dtype), scan_impl=model.scan_impl)
+
+
+__all__ = ["Jamba", "load", "forward", "ConfigError", "CheckpointError"]

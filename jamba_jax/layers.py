@@ -1,0 +1,47 @@
+"""Building blocks shared by the mixers: `Linear` and `RMSNorm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)``; ``kernel [in, features]`` (the transpose of torch's weight), both in
+    ``dtype``; the input is cast to ``dtype``."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", default_init, (x.shape[-1], self.features), self.dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return y
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """HF Jamba RMSNorm: normalise in fp32, cast back to ``x.dtype``, then scale by ``weight``."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
+    return weight * x32.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned ``weight [dim]`` in ``dtype``."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        return rms_norm(x, weight, self.eps)

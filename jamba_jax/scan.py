@@ -1,0 +1,112 @@
+"""Mamba-1 selective scan: the sequential oracle and the chunked associative (parallel) scan.
+
+Both functions share one signature with the Pallas kernel in ``pallas_kernels.selective_scan``:
+
+    x, dt, z   [batch, seq, d_inner]   any float dtype (upcast to float32)
+    A          [d_inner, d_state]      float32, already ``-exp(A_log)``
+    B, C       [batch, seq, d_state]   any float dtype
+    D, dt_bias [d_inner]
+    initial_state  [batch, d_inner, d_state] float32 or None (zeros)
+    mask       [batch, seq] bool or None: False positions are inert (state passes through unchanged)
+
+and return ``(y, final_state)``: ``y [batch, seq, d_inner] float32`` is
+``(sum_s h_t[:, s] * C_t[s] + D * x_t) * silu(z_t)`` and ``final_state [batch, d_inner, d_state]``
+float32 is the state after the last position.
+
+Recurrence (fp32): ``dt_t = softplus(dt_t + dt_bias)``, ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask):
+    """Upcasts to fp32, applies softplus and the mask (inert position = dt 0, so exp(0*A)=1 and dB x=0)."""
+    batch, _, d_inner = x.shape
+    d_state = B.shape[-1]
+    x, B, C, z = (a.astype(_F32) for a in (x, B, C, z))
+    dt = jax.nn.softplus(dt.astype(_F32) + dt_bias.astype(_F32))
+    if mask is not None:
+        dt = jnp.where(mask[..., None], dt, 0.0)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, d_inner, d_state), _F32)
+    return x, dt, B, C, D.astype(_F32), z, initial_state.astype(_F32)
+
+
+def _gate(y, x, D, z):
+    return (y + D * x) * jax.nn.silu(z)
+
+
+def selective_scan_sequential(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None):
+    """The oracle: one ``lax.scan`` step per position. See the module docstring for shapes."""
+    x, dt, B, C, D, z, h0 = _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask)
+    A = A.astype(_F32)
+
+    def step(h, inputs):
+        x_t, dt_t, B_t, C_t = inputs  # [batch, d_inner], [batch, d_inner], [batch, d_state] x2
+        dA = jnp.exp(dt_t[..., None] * A)
+        h = dA * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
+        return h, jnp.einsum("bds,bs->bd", h, C_t)
+
+    seq_first = lambda a: jnp.swapaxes(a, 0, 1)
+    h_last, y = lax.scan(step, h0, tuple(map(seq_first, (x, dt, B, C))))
+    return _gate(seq_first(y), x, D, z), h_last
+
+
+def _combine(left, right):
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
+
+
+def selective_scan_associative(
+    x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, chunk_size: int = 256
+):
+    """Parallel scan: ``lax.associative_scan`` inside chunks of ``chunk_size`` positions, the state
+    carried between chunks by a ``lax.scan``, so the [batch, chunk, d_inner, d_state] intermediate is
+    bounded by the chunk, not the sequence. A sequence that is not a multiple of the chunk is padded
+    with inert positions. See the module docstring for shapes."""
+    x, dt, B, C, D, z, h0 = _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask)
+    A = A.astype(_F32)
+    batch, seq, d_inner = x.shape
+    chunk = max(1, min(chunk_size, seq))
+    n_chunks = -(-seq // chunk)
+    pad = n_chunks * chunk - seq
+
+    def to_chunks(a):  # [batch, seq, ...] -> [n_chunks, batch, chunk, ...]; padding has dt = 0
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        a = a.reshape(batch, n_chunks, chunk, *a.shape[2:])
+        return jnp.swapaxes(a, 0, 1)
+
+    def chunk_step(h, inputs):
+        x_c, dt_c, B_c, C_c = inputs
+        dA = jnp.exp(dt_c[..., None] * A)  # [batch, chunk, d_inner, d_state]
+        dBx = (dt_c * x_c)[..., None] * B_c[:, :, None, :]
+        decay, states = lax.associative_scan(_combine, (dA, dBx), axis=1)
+        states = states + decay * h[:, None]
+        y = jnp.einsum("btds,bts->btd", states, C_c)
+        return states[:, -1], y
+
+    h_last, y = lax.scan(chunk_step, h0, tuple(map(to_chunks, (x, dt, B, C))))
+    y = jnp.swapaxes(y, 0, 1).reshape(batch, n_chunks * chunk, d_inner)[:, :seq]
+    return _gate(y, x, D, z), h_last
+
+
+SCAN_IMPLS = {
+    "sequential": selective_scan_sequential,
+    "associative": selective_scan_associative,
+}
+
+
+def selective_scan(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, impl="associative"):
+    """Dispatches to the implementation named ``impl`` (a key of ``SCAN_IMPLS``)."""
+    try:
+        fn = SCAN_IMPLS[impl]
+    except KeyError:
+        raise ValueError(f"unknown scan implementation {impl!r}; choose one of {sorted(SCAN_IMPLS)}") from None
+    return fn(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
