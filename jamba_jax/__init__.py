@@ -3,11 +3,12 @@
 from .api import Jamba, forward, load
 from .config import ConfigError, JambaConfig, config_names
 from .convert.hf_checkpoint import CheckpointError
+from .generate import GenerationResult, chat, generate
 from .model import JambaLM, abstract_params, init_params
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "Jamba", "JambaConfig", "JambaLM", "abstract_params",
-    "config_names", "forward", "init_params", "load",
+    "GenerationResult", "chat", "config_names", "forward", "generate", "init_params", "load",
 ]

@@ -34,14 +34,28 @@ def dot_product_attention(q, k, v, mask):
     return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
 
 
+def cached_attention_mask(pos, seq: int, kv_valid: jnp.ndarray) -> jnp.ndarray:
+    """Mask for ``seq`` new queries at slots ``pos .. pos + seq - 1`` over a cache of ``max_len`` slots:
+    ``[batch, 1, 1, seq, max_len]`` bool. ``kv_valid [batch, max_len]`` marks slots holding real tokens
+    (the new ones included)."""
+    max_len = kv_valid.shape[1]
+    causal = jnp.arange(max_len)[None, :] <= pos + jnp.arange(seq)[:, None]  # [seq, max_len]
+    return causal[None, None, None] & kv_valid[:, None, None, None, :]
+
+
 class Attention(nn.Module):
-    """GQA self-attention: ``[batch, seq, hidden]`` -> ``[batch, seq, hidden]`` in ``dtype``."""
+    """GQA self-attention: ``[batch, seq, hidden]`` -> ``[batch, seq, hidden]`` in ``dtype``.
+
+    Without ``cache`` it attends within ``x`` (causal + ``token_valid`` padding mask). With ``cache``
+    (``{"key", "value"}: [batch, max_len, kv_heads, head_dim]``) it writes the new keys/values at slot
+    ``pos``, attends over the cache under ``kv_valid [batch, max_len]`` and returns the updated cache too.
+    """
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, token_valid: jnp.ndarray | None) -> jnp.ndarray:
+    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
         cfg = self.config
         batch, seq, _ = x.shape
         n_kv, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -52,5 +66,14 @@ class Attention(nn.Module):
         q = q.reshape(batch, seq, n_kv, group, hd)
         k = k.reshape(batch, seq, n_kv, hd)
         v = v.reshape(batch, seq, n_kv, hd)
-        out = dot_product_attention(q, k, v, attention_mask(token_valid, seq))
-        return Linear(cfg.hidden_size, dtype=self.dtype, name="o_proj")(out.reshape(batch, seq, -1))
+        if cache is None:
+            out = dot_product_attention(q, k, v, attention_mask(token_valid, seq))
+        else:
+            start = (0, pos, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+            cache = {"key": k, "value": v}
+            out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype),
+                                        cached_attention_mask(pos, seq, kv_valid))
+        out = Linear(cfg.hidden_size, dtype=self.dtype, name="o_proj")(out.reshape(batch, seq, -1))
+        return out, cache

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from .cache import cache_shapes
+from .cache import cache_bytes
 from .config import JambaConfig
 from .model import abstract_params
 
@@ -27,7 +27,6 @@ def model_info(config: JambaConfig, *, context: int, batch: int = 1, dtype="bflo
     by_dtype: dict[str, int] = {}
     for a in params.values():
         by_dtype[str(a.dtype)] = by_dtype.get(str(a.dtype), 0) + _nbytes(a)
-    cache = cache_shapes(config, batch, context, jnp.dtype(cache_dtype))
     return {
         "total_params": total,
         "active_params": active,
@@ -35,8 +34,7 @@ def model_info(config: JambaConfig, *, context: int, batch: int = 1, dtype="bflo
         "param_bytes": sum(by_dtype.values()),
         "context": context,
         "batch": batch,
-        "kv_cache_bytes": _nbytes(cache["key"]) + _nbytes(cache["value"]),
-        "mamba_state_bytes": _nbytes(cache["conv"]) + _nbytes(cache["ssm"]),
+        **cache_bytes(config, batch, context, jnp.dtype(cache_dtype)),
         "layers": config.num_hidden_layers,
         "attention_layers": config.num_attention_layers,
         "mamba_layers": config.num_mamba_layers,

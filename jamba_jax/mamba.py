@@ -49,6 +49,8 @@ class Mamba(nn.Module):
     ``token_valid [batch, seq]`` bool (or None): padded positions are zeroed before and after the
     convolution and are inert in the scan, so they leave the conv and ssm state exactly as if absent.
     ``scan_impl`` selects the selective-scan implementation (see ``jamba_jax.scan.SCAN_IMPLS``).
+    With ``cache`` (``{"conv": [batch, d_conv - 1, d_inner], "ssm": [batch, d_inner, d_state] f32}``)
+    the conv and scan continue from the cached state, and the updated cache is returned too.
     """
 
     config: JambaConfig
@@ -56,7 +58,7 @@ class Mamba(nn.Module):
     scan_impl: str = "associative"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, token_valid: jnp.ndarray | None) -> jnp.ndarray:
+    def __call__(self, x, token_valid, cache=None):
         cfg = self.config
         d_inner, d_state, dt_rank = cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank
 
@@ -71,7 +73,7 @@ class Mamba(nn.Module):
         conv_kernel = self.param("conv_kernel", _conv_init, (cfg.mamba_d_conv, d_inner), self.dtype)
         conv_bias = (self.param("conv_bias", nn.initializers.zeros, (d_inner,), self.dtype)
                      if cfg.mamba_conv_bias else None)
-        xs, _ = causal_conv1d(xs, conv_kernel, conv_bias)
+        xs, conv_state = causal_conv1d(xs, conv_kernel, conv_bias, None if cache is None else cache["conv"])
         xs = zero_padding(nn.silu(xs))
 
         dt, B, C = jnp.split(Linear(dt_rank + 2 * d_state, dtype=self.dtype, name="x_proj")(xs),
@@ -85,6 +87,10 @@ class Mamba(nn.Module):
         D = self.param("D", nn.initializers.ones, (d_inner,), self.dtype)
         A = -jnp.exp(a_log.astype(jnp.float32))
 
-        y, _ = selective_scan(xs, dt, A, B, C, D, z, dt_bias, mask=token_valid, impl=self.scan_impl)
-        return Linear(cfg.hidden_size, use_bias=cfg.mamba_proj_bias, dtype=self.dtype,
-                      name="out_proj")(y.astype(self.dtype))
+        y, ssm_state = selective_scan(xs, dt, A, B, C, D, z, dt_bias, mask=token_valid, impl=self.scan_impl,
+                                      initial_state=None if cache is None else cache["ssm"])
+        out = Linear(cfg.hidden_size, use_bias=cfg.mamba_proj_bias, dtype=self.dtype,
+                     name="out_proj")(y.astype(self.dtype))
+        if cache is not None:
+            cache = {"conv": conv_state.astype(cache["conv"].dtype), "ssm": ssm_state}
+        return out, cache

@@ -22,7 +22,8 @@ from .moe import MLP, MoE
 
 
 class DecoderLayer(nn.Module):
-    """``h = x + mixer(input_layernorm(x))``; ``out = h + ffn(pre_ff_layernorm(h))``."""
+    """``h = x + mixer(input_layernorm(x))``; ``out = h + ffn(pre_ff_layernorm(h))``.
+    Returns ``(out, new_cache)``; ``cache`` is this layer's entry of the decode cache or None."""
 
     config: JambaConfig
     mixer: str
@@ -31,21 +32,22 @@ class DecoderLayer(nn.Module):
     scan_impl: str = "associative"
 
     @nn.compact
-    def __call__(self, x, token_valid):
+    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         if self.mixer == ATTENTION:
-            h = Attention(cfg, self.dtype, name="self_attn")(h, token_valid)
+            h, cache = Attention(cfg, self.dtype, name="self_attn")(h, token_valid, cache, pos, kv_valid)
         else:
-            h = Mamba(cfg, self.dtype, self.scan_impl, name="mamba")(h, token_valid)
+            h, cache = Mamba(cfg, self.dtype, self.scan_impl, name="mamba")(h, token_valid, cache)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="pre_ff_layernorm")(x)
         ffn = MoE if self.moe else MLP
-        return x + ffn(cfg, self.dtype, name="feed_forward")(h)
+        return x + ffn(cfg, self.dtype, name="feed_forward")(h), cache
 
 
 class Block(nn.Module):
-    """Consecutive layers at the given positions of the repeating layer plan (``layer_{j}``)."""
+    """Consecutive layers at the given positions of the repeating layer plan (``layer_{j}``).
+    ``cache`` is ``{"layer_{j}": entry}`` or None; returns ``(x, new_cache)``."""
 
     config: JambaConfig
     positions: Sequence[int]
@@ -53,40 +55,65 @@ class Block(nn.Module):
     scan_impl: str = "associative"
 
     @nn.compact
-    def __call__(self, x, token_valid):
+    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
+        new_cache = None if cache is None else {}
         for j in self.positions:
+            name = f"layer_{j}"
             layer = DecoderLayer(self.config, self.config.mixer_type(j), self.config.is_moe(j), self.dtype,
-                                 self.scan_impl, name=f"layer_{j}")
-            x = layer(x, token_valid)
-        return x, None
+                                 self.scan_impl, name=name)
+            x, entry = layer(x, token_valid, None if cache is None else cache[name], pos, kv_valid)
+            if cache is not None:
+                new_cache[name] = entry
+        return x, new_cache
 
 
 class JambaLM(nn.Module):
-    """``input_ids [batch, seq]`` int, ``token_valid [batch, seq]`` bool or None ->
-    logits ``[batch, seq, vocab]`` in ``dtype``."""
+    """``input_ids [batch, seq]`` int, ``token_valid [batch, seq]`` bool or None -> logits
+    ``[batch, seq, vocab]`` in ``dtype`` (``[batch, 1, vocab]`` for the last position with
+    ``last_only``).
+
+    With ``cache`` (see ``jamba_jax.cache``) the tokens continue the cached sequences at slot
+    ``cache["pos"]`` and ``(logits, new_cache)`` is returned."""
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
     scan_impl: str = "associative"
 
     @nn.compact
-    def __call__(self, input_ids, token_valid=None):
+    def __call__(self, input_ids, token_valid=None, cache=None, last_only: bool = False):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(input_ids)
+        pos = kv_valid = None
+        new_cache = None
+        if cache is not None:
+            if token_valid is None:
+                token_valid = jnp.ones(input_ids.shape, bool)
+            pos = cache["pos"]
+            kv_valid = jax.lax.dynamic_update_slice(cache["valid"], token_valid, (0, pos))
+            new_cache = {"pos": pos + input_ids.shape[1], "valid": kv_valid}
         period = cfg.block_size
         if cfg.num_blocks:
             blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=nn.broadcast, length=cfg.num_blocks)
-            x, _ = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, name="blocks")(x, token_valid)
+                             in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.num_blocks)
+            x, entries = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, name="blocks")(
+                x, token_valid, None if cache is None else cache["blocks"], pos, kv_valid)
+            if cache is not None:
+                new_cache["blocks"] = entries
         if cfg.num_tail_layers:
-            x, _ = Block(cfg, tuple(range(cfg.num_tail_layers)), self.dtype, self.scan_impl,
-                         name="tail")(x, token_valid)
+            x, entries = Block(cfg, tuple(range(cfg.num_tail_layers)), self.dtype, self.scan_impl, name="tail")(
+                x, token_valid, None if cache is None else cache["tail"], pos, kv_valid)
+            if cache is not None:
+                new_cache["tail"] = entries
+        if last_only:
+            x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_layernorm")(x)
         if cfg.tie_word_embeddings:
-            return embed.attend(x)
-        return Linear(cfg.vocab_size, dtype=self.dtype, name="lm_head")(x)
+            logits = embed.attend(x)
+        else:
+            logits = Linear(cfg.vocab_size, dtype=self.dtype, name="lm_head")(x)
+        return logits if cache is None else (logits, new_cache)
 
 
 def layer_location(config: JambaConfig, layer: int) -> tuple[tuple[str, ...], int | None]:

@@ -1,6 +1,7 @@
 """Left padding is exact; the layer stack is scanned; the HF key table covers every param once."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,9 @@ from jamba_jax import JambaConfig, JambaLM, init_params
 from jamba_jax.convert.hf_keys import checkpoint_entries
 
 
+@functools.lru_cache(maxsize=16)
 def random_model(config, seed=0, scan_impl="associative"):
+    """A model with random params at larger scales than the 0.02 init (cached: tests reuse them)."""
     params = init_params(config, jax.random.key(seed))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

@@ -1,0 +1,295 @@
+"""Inference: chunked prefill into the hybrid cache, then an on-device decode loop.
+
+``generate`` left-pads a batch of prompts to a bucketed length (padding is exact: masked positions
+are inert in attention, the conv and the scan), prefills it chunk by chunk so activation memory does
+not grow with the prompt, and decodes in a ``lax.while_loop`` until every row has stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .api import Jamba
+from .cache import init_cache
+from .model import JambaLM
+from .sampling import sample
+
+DEFAULT_CHUNK = 256
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """New tokens per prompt (EOS included when generated; nothing after it), their text when the model
+    has a tokenizer, and timings. ``decode_tokens_per_second`` counts tokens of all rows."""
+
+    tokens: list[list[int]]
+    text: list[str] | None
+    prompt_lengths: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(len(t) for t in self.tokens) - 1 if self.tokens else 0
+        return len(self.tokens) * steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return sum(self.prompt_lengths) / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about a model's compiled functions."""
+
+    config: object
+    dtype: np.dtype
+    scan_impl: str
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+    @property
+    def model(self) -> JambaLM:
+        return JambaLM(self.config, self.dtype, self.scan_impl)
+
+    def sample(self, logits, key):
+        return sample(logits[:, -1], key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def bucket_length(n: int, chunk: int = DEFAULT_CHUNK) -> int:
+    """Padded prompt length: the next power of two (at least 16) up to ``chunk``, then the next multiple
+    of ``chunk``. A new prompt length rarely means a new compile."""
+    if n <= chunk:
+        return min(chunk, max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()))
+    return -(-n // chunk) * chunk
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _prefill_chunk(params, cache, ids, valid, key, *, spec: _Spec):
+    logits, cache = spec.model.apply({"params": params}, ids, valid, cache, last_only=True)
+    return spec.sample(logits, key), cache
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _decode_step(params, cache, token, key, *, spec: _Spec):
+    logits, cache = spec.model.apply({"params": params}, token[:, None], None, cache, last_only=True)
+    return spec.sample(logits, key), cache
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "max_new_tokens"))
+def _decode_loop(params, cache, first, key, eos, pad_id, *, spec: _Spec, max_new_tokens: int):
+    """Decodes on device until every row has produced an EOS or ``max_new_tokens`` tokens.
+    Returns tokens ``[batch, max_new_tokens]`` (``pad_id`` after a row stops) and the step count."""
+    batch = first.shape[0]
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, token, done, out, key = state
+        key, sub = jax.random.split(key)
+        nxt, cache = _decode_step(params, cache, token, sub, spec=spec)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = out.at[:, step].set(nxt)
+        return step + 1, cache, nxt, done | jnp.isin(nxt, eos), out, key
+
+    step, _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, first, done, out, key))
+    return out, step
+
+
+def encode_prompts(model: Jamba, prompts) -> list[list[int]]:
+    """A string, a list of strings (needs the tokenizer), a list of token ids, or a list of such lists."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) and all(isinstance(t, (int, np.integer)) for t in prompts):
+        prompts = [list(prompts)]
+    encoded = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("prompts are text but the model has no tokenizer (tokenizer.json); "
+                                 "pass token ids instead")
+            p = model.tokenizer.encode(p).ids
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {model.config.vocab_size})")
+        encoded.append(p)
+    if not encoded:
+        raise ValueError("no prompts given")
+    return encoded
+
+
+def stop_token_ids(model: Jamba) -> tuple[int, ...]:
+    """EOS ids from the checkpoint's ``generation_config.json`` when it has one, else from the config."""
+    if model.checkpoint_dir is not None:
+        file = Path(model.checkpoint_dir) / "generation_config.json"
+        if file.is_file():
+            eos = json.loads(file.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (eos,)
+    return model.config.eos_token_ids
+
+
+def _left_pad(prompts: list[list[int]], length: int, pad_id: int):
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p):] = p
+        valid[row, length - len(p):] = True
+    return ids, valid
+
+
+def _prefill(model: Jamba, spec: _Spec, prompts, max_new_tokens: int, chunk: int, key):
+    length = bucket_length(max(map(len, prompts)), chunk)
+    pad_id = model.config.pad_token_id or 0
+    ids, valid = _left_pad(prompts, length, pad_id)
+    max_len = -(-(length + max_new_tokens) // chunk) * chunk  # rounded so the cache shape rarely changes
+    cache = init_cache(model.config, len(prompts), max_len, model.dtype)
+    step = min(chunk, length)
+    for start in range(0, length, step):
+        key, sub = jax.random.split(key)
+        first, cache = _prefill_chunk(model.params, cache, ids[:, start:start + step],
+                                      valid[:, start:start + step], sub, spec=spec)
+    return first, cache, key
+
+
+def _spec(model: Jamba, temperature, top_k, top_p) -> _Spec:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return _Spec(model.config, np.dtype(model.dtype), model.scan_impl, float(temperature), top_k, top_p)
+
+
+def _truncate(tokens: Sequence[int], eos: tuple[int, ...]) -> list[int]:
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+def _cut_at_stop(tokenizer, tokens: list[int], stop: Sequence[str]) -> tuple[list[int], str]:
+    """The longest prefix of ``tokens`` whose text holds no stop string, and the text cut before the
+    first stop string."""
+    text = tokenizer.decode(tokens)
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    if cut < 0:
+        return tokens, text
+    n = len(tokens)
+    while n and any(s in tokenizer.decode(tokens[:n]) for s in stop):
+        n -= 1
+    return tokens[:n], text[:cut]
+
+
+def chat(model: Jamba, messages: Sequence[dict], **kwargs):
+    """``generate`` for one conversation: renders ``messages`` with the checkpoint's chat template
+    (``Jamba.checkpoint_dir``'s tokenizer_config.json; the Jamba-1.5 format otherwise)."""
+    from .chat_template import load_chat_template, render_chat
+
+    if model.tokenizer is None:
+        raise ValueError("chat needs the model's tokenizer (tokenizer.json)")
+    template, special = load_chat_template(model.checkpoint_dir)
+    text = render_chat(messages, template, special)
+    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+    return generate(model, [ids], **kwargs)
+
+
+def generate(model: Jamba, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop: Sequence[str] | None = None, stop_ids: Sequence[int] | None = None,
+             chunk_size: int = DEFAULT_CHUNK, stream: bool = False):
+    """Generates up to ``max_new_tokens`` tokens for each prompt.
+
+    ``prompts``: a string, a list of strings (needs the model's tokenizer), or a list of token-id lists
+    of any lengths (run together, left-padded). Greedy when ``temperature == 0``; otherwise sampled
+    with optional top-k / top-p, reproducibly for a given ``seed``. A row stops at an EOS id
+    (``stop_ids``, default the config's) or, with a tokenizer, before the first of the ``stop`` strings.
+
+    Returns a ``GenerationResult``; with ``stream=True``, an iterator of ``[batch]`` lists of new token
+    ids (``None`` for rows that have stopped), one per step, whose ``StopIteration`` value is the result.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if stop and model.tokenizer is None:
+        raise ValueError("stop strings need the model's tokenizer; use stop_ids")
+    encoded = encode_prompts(model, prompts)
+    spec = _spec(model, temperature, top_k, top_p)
+    eos = tuple(stop_ids) if stop_ids is not None else stop_token_ids(model)
+    runner = _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size)
+    if stream:
+        return runner
+    return _run(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size)
+
+
+def _run(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> GenerationResult:
+    t0 = time.perf_counter()
+    first, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
+    first.block_until_ready()
+    t1 = time.perf_counter()
+    pad_id = model.config.pad_token_id or 0
+    out, _ = _decode_loop(model.params, cache, first, key, jnp.asarray(eos or (-1,), jnp.int32),
+                          jnp.int32(pad_id), spec=spec, max_new_tokens=max_new_tokens)
+    out = np.asarray(out)
+    t2 = time.perf_counter()
+    return _finish(model, out, encoded, eos, stop, t1 - t0, t2 - t1)
+
+
+def _finish(model, out, encoded, eos, stop, prefill_s, decode_s) -> GenerationResult:
+    tokens = [_truncate(row, eos) for row in np.asarray(out)]
+    text = None
+    if model.tokenizer is not None:
+        cut = [_cut_at_stop(model.tokenizer, t, stop or ()) for t in tokens]
+        tokens, text = [c[0] for c in cut], [c[1] for c in cut]
+    return GenerationResult(tokens, text, [len(p) for p in encoded], prefill_s, decode_s)
+
+
+def _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> Iterator[list]:
+    t0 = time.perf_counter()
+    token, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
+    token = np.asarray(token)
+    t1 = time.perf_counter()
+    batch = len(encoded)
+    rows = [[] for _ in range(batch)]
+    done = np.zeros(batch, bool)
+    for step in range(max_new_tokens):
+        if step:
+            key, sub = jax.random.split(key)
+            token, cache = _decode_step(model.params, cache, jnp.asarray(token), sub, spec=spec)
+            token = np.asarray(token)
+        emitted = []
+        for row in range(batch):
+            if done[row]:
+                emitted.append(None)
+                continue
+            rows[row].append(int(token[row]))
+            emitted.append(int(token[row]))
+            done[row] = token[row] in eos or (bool(stop) and any(
+                s in model.tokenizer.decode(rows[row]) for s in stop))
+        yield emitted
+        if done.all():
+            break
+    pad_id = model.config.pad_token_id or 0
+    width = max(map(len, rows))
+    out = np.array([r + [pad_id] * (width - len(r)) for r in rows])
+    return _finish(model, out, encoded, eos, stop, t1 - t0, time.perf_counter() - t1)
