@@ -7,7 +7,11 @@ Run from the repository root on a GPU machine:
 It prints the JAX version and device, checks the Pallas kernel (compiled, not interpreted) against
 ``selective_scan_sequential`` on a small random case and a Mini-shaped case, measures copy
 bandwidth, times several kernel configurations and the two XLA scans at d_inner 8192, d_state 16,
-batch 1, bf16 activations, lengths 4096/16384/65536, prints a table and writes JSON. Every section
+batch 1, bf16 activations, lengths 4096/16384/65536, prints a table and writes JSON. At each
+length every timed configuration's output is also compared with the first one's (``consistency``).
+``--variants`` keeps only the named kernel variants and ``--configs`` only the listed entries of
+``CONFIGS``; the best ``--top-k`` configurations at the
+first length, plus the best of each variant, are carried to the longer lengths. Every section
 is guarded, so one failing lowering or an out-of-memory does not stop the rest, and a time budget
 (``--budget``, seconds) skips whatever would run past it.
 
@@ -35,23 +39,34 @@ import numpy as np  # noqa: E402
 from jamba_jax.scan import selective_scan_associative, selective_scan_sequential  # noqa: E402
 from pallas_kernels.selective_scan import selective_scan_pallas  # noqa: E402
 
-# (variant, block_d, chunk, num_warps); the first one is also used for the correctness checks.
+# (variant, block_d, chunk, num_warps, segments); the first of each variant is also used for the
+# correctness checks. segments only matters for "segmented" (None: the kernel's automatic choice).
 CONFIGS = [
-    ("unroll", 32, 8, 1),  # the module default
-    ("unroll", 8, 8, 1),
-    ("unroll", 8, 16, 1),
-    ("unroll", 16, 8, 1),
-    ("unroll", 32, 16, 1),
-    ("unroll", 64, 8, 2),
-    ("unroll", 64, 8, 4),
-    ("loop", 32, 1, 1),
-    ("loop", 8, 1, 1),
-    ("tile", 32, 16, 1),
-    ("tile", 8, 16, 1),
+    ("unroll", 32, 8, 1, None),  # the module default
+    ("unroll", 8, 8, 1, None),
+    ("unroll", 8, 16, 1, None),
+    ("unroll", 16, 8, 1, None),
+    ("unroll", 32, 16, 1, None),
+    ("unroll", 64, 8, 2, None),
+    ("unroll", 64, 8, 4, None),
+    ("loop", 32, 1, 1, None),
+    ("loop", 8, 1, 1, None),
+    ("tile", 32, 16, 1, None),
+    ("tile", 8, 16, 1, None),
+    ("segmented", 8, 16, 1, 4),
+    ("segmented", 8, 16, 1, 8),
+    ("segmented", 8, 16, 1, 16),
+    ("segmented", 8, 8, 1, 32),
+    ("segmented", 16, 8, 1, 16),
+    ("segmented", 32, 8, 1, 8),
+    ("segmented", 32, 8, 1, 16),
+    ("segmented", 32, 8, 1, 32),
+    ("segmented", 32, 8, 1, 64),
+    ("segmented", 32, 8, 1, None),
 ]
-TOP_K = 3  # configs carried from the shortest length to the longer ones
+TOP_K = 3  # configs carried from the shortest length to the longer ones (plus each variant's best)
 REL_TOL = 1e-4  # correctness threshold (f32 vs f32 on GPU; CPU tests use 1e-5)
-SEQUENTIAL_MAX_S = 20.0
+SEQUENTIAL_MAX_S = 20.0  # default of --sequential-max-s
 
 
 class Budget:
@@ -114,9 +129,14 @@ def order(a):
 
 
 def pallas_fn(cfg, interpret):
-    variant, block_d, chunk, num_warps = cfg
+    variant, block_d, chunk, num_warps, segments = cfg
     return jax.jit(functools.partial(selective_scan_pallas, block_d=block_d, chunk=chunk, variant=variant,
-                                     num_warps=num_warps, interpret=interpret))
+                                     segments=segments, num_warps=num_warps, interpret=interpret))
+
+
+@jax.jit
+def device_rel_err(got, ref):
+    return jnp.max(jnp.abs(got - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)
 
 
 def rel_err(got, ref):
@@ -125,7 +145,10 @@ def rel_err(got, ref):
 
 
 def cfg_name(cfg):
-    return f"{cfg[0]} bd={cfg[1]} T={cfg[2]} w={cfg[3]}"
+    name = f"{cfg[0]} bd={cfg[1]} T={cfg[2]} w={cfg[3]}"
+    if cfg[0] == "segmented":
+        name += f" S={cfg[4] if cfg[4] else 'auto'}"
+    return name
 
 
 def main():
@@ -134,6 +157,11 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, Pallas interpret mode (CPU)")
     p.add_argument("--budget", type=float, default=180.0, help="seconds; later sections are skipped")
     p.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
+    p.add_argument("--variants", default=None, help="comma-separated kernel variants to keep (default: all)")
+    p.add_argument("--configs", default=None, help="comma-separated indices into CONFIGS, ranges a-b allowed")
+    p.add_argument("--top-k", type=int, default=TOP_K, help="configs carried to the longer lengths")
+    p.add_argument("--sequential-max-s", type=float, default=SEQUENTIAL_MAX_S,
+                   help="skip the lax.scan oracle where one call is estimated to take longer")
     a = p.parse_args()
 
     budget = Budget(a.budget)
@@ -141,7 +169,16 @@ def main():
     interpret = dry
     d_inner, d_state, batch = (64, 16, 1) if dry else (8192, 16, 1)
     lengths = [int(s) for s in a.lengths.split(",")] if a.lengths else ([32, 64] if dry else [4096, 16384, 65536])
-    configs = CONFIGS[:2] + [CONFIGS[7], CONFIGS[9]] if dry else CONFIGS
+    configs = CONFIGS[:2] + [CONFIGS[7], CONFIGS[9], CONFIGS[11], CONFIGS[-1]] if dry else CONFIGS
+    if a.configs:
+        picked = []
+        for part in a.configs.split(","):
+            lo, _, hi = part.partition("-")
+            picked += range(int(lo), int(hi or lo) + 1)
+        configs = [CONFIGS[i] for i in picked]
+    if a.variants:
+        keep = a.variants.split(",")
+        configs = [c for c in configs if c[0] in keep]
     act_dtype = jnp.bfloat16
 
     dev = jax.devices()[0]
@@ -175,7 +212,7 @@ def main():
         except Exception as e:
             record_error(f"correctness {name}: reference", e)
             continue
-        for variant in ("unroll", "loop", "tile"):
+        for variant in dict.fromkeys(c[0] for c in configs):
             cfg = next(c for c in configs if c[0] == variant)
             try:
                 y, h = block(pallas_fn(cfg, interpret)(*order(args), **kw))
@@ -183,7 +220,7 @@ def main():
                 ok = ey < REL_TOL and eh < REL_TOL
                 report["correctness"].append(dict(case=name, shape=[b, L, d, s], config=cfg_name(cfg),
                                                   rel_err_y=ey, rel_err_state=eh, ok=ok))
-                log(f"correctness {name:5s} {cfg_name(cfg):24s} rel_err y {ey:.2e} state {eh:.2e} "
+                log(f"correctness {name:5s} {cfg_name(cfg):30s} rel_err y {ey:.2e} state {eh:.2e} "
                     f"{'OK' if ok else 'FAIL'}")
             except Exception as e:
                 record_error(f"correctness {name} {cfg_name(cfg)}", e)
@@ -214,7 +251,7 @@ def main():
                    frac_of_copy=(gbps / copy_bw) if copy_bw else None, note=note)
         report["timings"].append(row)
         frac = f"{row['frac_of_copy']:.2f}" if copy_bw else "-"
-        log(f"  {impl:11s} {cfg:24s} L={L:6d} {t * 1e3:10.3f} ms {gbps:8.1f} GB/s  frac {frac} {note}")
+        log(f"  {impl:11s} {cfg:30s} L={L:6d} {t * 1e3:10.3f} ms {gbps:8.1f} GB/s  frac {frac} {note}")
         write()
 
     pallas_best = {}
@@ -234,19 +271,32 @@ def main():
         if li == 0:
             todo = configs
         else:
-            ranked = sorted(pallas_best.items(), key=lambda kv: kv[1])
-            todo = [c for c, _ in ranked[:TOP_K]]
+            ranked = [c for c, _ in sorted(pallas_best.items(), key=lambda kv: kv[1])]
+            todo = list(dict.fromkeys(ranked[: a.top_k] + [next(c for c in ranked if c[0] == v)
+                                                            for v in dict.fromkeys(c[0] for c in ranked)]))
+        first_out = None
         for cfg in todo:
             if budget.left() < 10:
                 report["errors"].append(dict(where=f"pallas {cfg_name(cfg)} L={L}", error="skipped: time budget"))
                 continue
             try:
-                t = time_fn(pallas_fn(cfg, interpret), *order(args), runs=5, max_seconds=3.0)
+                fn = pallas_fn(cfg, interpret)
+                t = time_fn(fn, *order(args), runs=5, max_seconds=3.0)
                 if li == 0:
                     pallas_best[cfg] = t
-                add_timing("pallas", cfg_name(cfg), L, t)
+                out = block(fn(*order(args)))
+                if first_out is None:
+                    first_out, note = out, "reference for consistency"
+                else:
+                    ey, eh = (float(device_rel_err(o, r)) for o, r in zip(out, first_out))
+                    report.setdefault("consistency", []).append(
+                        dict(config=cfg_name(cfg), seq=L, rel_diff_y=ey, rel_diff_state=eh))
+                    note = f"vs first: y {ey:.1e} h {eh:.1e}"
+                del out
+                add_timing("pallas", cfg_name(cfg), L, t, note)
             except Exception as e:
                 record_error(f"pallas {cfg_name(cfg)} L={L}", e)
+        del first_out
         if budget.left() > 20:
             try:
                 assoc = jax.jit(selective_scan_associative)
@@ -254,7 +304,7 @@ def main():
             except Exception as e:
                 record_error(f"associative L={L}", e)
         est = None if seq_t_per_pos is None else seq_t_per_pos * L
-        if est is not None and (est > SEQUENTIAL_MAX_S or 2 * est > budget.left() - 10):
+        if est is not None and (est > a.sequential_max_s or 2 * est > budget.left() - 10):
             log(f"  sequential skipped at L={L} (estimated {est:.1f} s per call)")
             report["errors"].append(dict(where=f"sequential L={L}", error=f"skipped: estimated {est:.1f} s"))
         elif budget.left() > 20:
@@ -270,10 +320,10 @@ def main():
     log("\n=== summary (" + report["card"] + ") ===")
     if copy_bw:
         log(f"copy bandwidth {copy_bw:.1f} GB/s")
-    log(f"{'impl':11s} {'config':24s} {'L':>6s} {'ms':>10s} {'GB/s':>8s} {'frac':>5s}")
+    log(f"{'impl':11s} {'config':30s} {'L':>6s} {'ms':>10s} {'GB/s':>8s} {'frac':>5s}")
     for r in report["timings"]:
         frac = f"{r['frac_of_copy']:.2f}" if r["frac_of_copy"] is not None else "-"
-        log(f"{r['impl']:11s} {r['config']:24s} {r['seq']:6d} {r['ms']:10.3f} {r['GBps']:8.1f} {frac:>5s}")
+        log(f"{r['impl']:11s} {r['config']:30s} {r['seq']:6d} {r['ms']:10.3f} {r['GBps']:8.1f} {frac:>5s}")
     for L in lengths:
         rows = {r["impl"]: r for r in sorted(report["timings"], key=lambda r: -r["ms"]) if r["seq"] == L}
         if "pallas" in rows:
@@ -282,7 +332,7 @@ def main():
             log(f"best pallas at L={L}: {best['config']} {best['ms']:.3f} ms" + (f" ({vs})" if vs else ""))
             report.setdefault("best_pallas", {})[str(L)] = dict(config=best["config"], ms=best["ms"])
     for c in report["correctness"]:
-        log(f"correctness {c['case']:5s} {c['config']:24s} y {c['rel_err_y']:.2e} state {c['rel_err_state']:.2e}"
+        log(f"correctness {c['case']:5s} {c['config']:30s} y {c['rel_err_y']:.2e} state {c['rel_err_state']:.2e}"
             f" {'OK' if c['ok'] else 'FAIL'}")
     if report["errors"]:
         log(f"{len(report['errors'])} errors/skips (see JSON)")

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan: the sequential oracle and the chunked associative (parallel) scan.
+"""Mamba-1 selective scan: the sequential oracle and the chunked associative (parallel) scan, and
+the dispatch (``selective_scan(..., impl=...)``) to them and to the Pallas GPU kernel.
 
 Both functions share one signature with the Pallas kernel in ``pallas_kernels.selective_scan``:
 
@@ -17,6 +18,8 @@ Recurrence (fp32): ``dt_t = softplus(dt_t + dt_bias)``, ``h_t = exp(dt_t A) h_{t
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -97,9 +100,36 @@ def selective_scan_associative(
     return _gate(y, x, D, z), h_last
 
 
+# The Pallas kernel configuration that "pallas" uses for prefill (see docs/selective_scan.md for
+# the H200 measurements behind it).
+PALLAS_SCAN_CONFIG = dict(variant="segmented", block_d=32, chunk=8, segments=None, num_warps=1)
+
+
+def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, interpret=False):
+    """The Pallas kernel on GPU (or in interpret mode); off GPU, the associative scan. A single
+    position (a decode step) goes through the fused XLA state update instead of a kernel launch.
+    ``pallas_kernels`` is imported here, so the XLA impls never import Pallas."""
+    if not interpret and jax.default_backend() != "gpu":
+        return selective_scan_associative(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
+    from pallas_kernels import selective_scan as kernels
+
+    if x.shape[1] == 1:
+        if initial_state is None:
+            initial_state = jnp.zeros((x.shape[0], x.shape[2], A.shape[-1]), _F32)
+        y, h = kernels.selective_state_update(initial_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0],
+                                              dt_bias, mask=None if mask is None else mask[:, 0])
+        return y[:, None], h
+    return kernels.selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask,
+                                         interpret=interpret, **PALLAS_SCAN_CONFIG)
+
+
 SCAN_IMPLS = {
     "sequential": selective_scan_sequential,
     "associative": selective_scan_associative,
+    # The Pallas kernel on GPU; the associative scan on other backends.
+    "pallas": _selective_scan_pallas,
+    # The Pallas kernel in interpret mode on any backend (slow; for tests).
+    "pallas-interpret": functools.partial(_selective_scan_pallas, interpret=True),
 }
 
 

@@ -22,7 +22,7 @@ all fused. Padded channels and padded state columns have x = 0, A = B = C = 0 an
 state, so they stay zero and contribute nothing; the sequence is never padded. The wrapper casts
 B and C (small) to float32 and leaves x/dt/z in their dtype (bf16 halves the kernel's reads).
 
-Three loop ``variant``s (all compute the same thing):
+Four ``variant``s (all compute the same thing):
 
 * ``"loop"``:   ``fori_loop`` over positions; each step loads its rows and stores one y row.
 * ``"unroll"``: ``fori_loop`` over chunks of ``chunk`` positions; the chunk is unrolled in Python
@@ -36,6 +36,20 @@ On the Triton backend ``"unroll"`` is expected to be the fastest (the Triton com
 software-pipeline these loads by itself); ``block_d = 32`` with one warp lets Triton do the
 per-channel work (softplus, gate) once per channel instead of once per thread holding part of a
 state row. ``"tile"`` compiles to many shuffles and is kept as an alternative to measure.
+
+* ``"segmented"``: a two-pass time-parallel scan for long sequences at small batch, where the
+                variants above run only ``batch * d_inner / block_d`` programs, each a serial walk
+                over the whole sequence. The sequence is cut into ``segments`` runs of ``seg_len``
+                positions (a multiple of ``chunk``). Pass 1 (grid ``(d blocks, batch, segments - 1)``)
+                scans every segment but the last from a zero state, reading only x/dt/B (and the
+                mask), and writes the segment's end state and its sum of softplus(dt): the
+                segment's total decay is ``exp(A * sum dt)`` because A is constant per channel.
+                Pass 2 (grid ``(d blocks, batch, segments)``) first folds the earlier segments'
+                results into its true initial state (``h = exp(A sum_k) h + h_k``, at most
+                ``segments - 1`` tiny steps per program), then walks its segment exactly like
+                ``"unroll"``, writing y; the last segment writes the final state. Pass 1 costs
+                about 40% of pass 2's reads; in exchange there are ``segments`` times as many
+                programs to hide the latency of the serial recurrence.
 
 The chunked variants handle ``seq % chunk`` trailing positions with the ``"loop"`` step.
 Triton needs every loaded/computed array to have a power-of-two number of elements, hence
@@ -58,7 +72,11 @@ except Exception:  # pragma: no cover - absent from some builds
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634  # exp(v) = exp2(v * log2 e); A is pre-scaled so the kernel uses exp2
-VARIANTS = ("loop", "unroll", "tile")
+VARIANTS = ("loop", "unroll", "tile", "segmented")
+# "segmented" with segments=None aims for at least this many programs (cut into segments of at
+# least _MIN_SEG_LEN positions): enough warps to keep every SM of an H100/H200 busy.
+_TARGET_PROGRAMS = 8192
+_MIN_SEG_LEN = 256
 
 __all__ = ["selective_scan_pallas", "selective_state_update", "selective_state_update_pallas", "VARIANTS"]
 
@@ -77,21 +95,34 @@ def _silu(v):
     return v / (1.0 + jnp.exp2(v * -_LOG2E))
 
 
-def _scan_kernel(*refs, seq, chunk, variant, has_mask, has_h0):
-    """One program: channel block ``j`` of batch row ``b``. Refs (batch dim squeezed):
-    x, dt, z [seq, bd]; b, c [seq, ds]; a2 [bd, ds] (A * log2 e); d, bias [bd]; mask [seq, 1]
-    (optional); h0 [bd, ds] (optional); outputs y [seq, bd] f32, h [bd, ds] f32."""
+def _scan_kernel(*refs, seq, chunk, variant, has_mask, has_h0, seg_len=None, n_seg=1):
+    """One program: channel block ``j`` of batch row ``b`` (and segment ``s`` when ``seg_len`` is
+    set). Refs (batch dim squeezed): x, dt, z [seq, bd]; b, c [seq, ds]; a2 [bd, ds] (A * log2 e);
+    d, bias [bd]; mask [seq, 1] (optional); h0 [bd, ds] (optional); with ``seg_len``, pass 1's
+    segment end states [n_seg - 1, bd, ds] and dt sums [n_seg - 1, bd]; outputs y [seq, bd] f32,
+    h [bd, ds] f32."""
     refs = list(refs)
     x_ref, dt_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref = refs[:8]
     rest = refs[8:]
     m_ref = rest.pop(0) if has_mask else None
     h0_ref = rest.pop(0) if has_h0 else None
+    if seg_len is not None:
+        hseg_ref, dtsum_ref = rest.pop(0), rest.pop(0)
     y_ref, h_ref = rest
 
     a2 = a_ref[...].astype(_F32)  # [bd, ds]
     d_skip = d_ref[...].astype(_F32)  # [bd]
     bias = bias_ref[...].astype(_F32)
     h = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros(a2.shape, _F32)
+    start = 0
+    if seg_len is not None:  # fold the earlier segments into this segment's initial state
+        s = pl.program_id(2)
+        start = s * seg_len
+
+        def fold(k, h):
+            return jnp.exp2(a2 * dtsum_ref[k, :][:, None]) * h + hseg_ref[k, :, :]
+
+        h = lax.fori_loop(0, s, fold, h)
 
     def load_rows(t):
         """Inputs of position t: x, dt, z [bd]; B, C [ds]; mask [1] or None."""
@@ -113,7 +144,7 @@ def _scan_kernel(*refs, seq, chunk, variant, has_mask, has_h0):
         return step(h, t, rows, m)
 
     def unroll_body(c, h):
-        base = c * chunk
+        base = start + c * chunk
         loaded = [load_rows(base + i) for i in range(chunk)]  # issue every load first
         for i, (rows, m) in enumerate(loaded):
             h = step(h, base + i, rows, m)
@@ -145,6 +176,17 @@ def _scan_kernel(*refs, seq, chunk, variant, has_mask, has_h0):
         y_ref[sl, :] = (y_cols.T + d_skip[None, :] * xt) * gate
         return h
 
+    if seg_len is not None:  # every segment but the last is full; the last may be short
+        count = jnp.minimum(seg_len, seq - start)
+        n_chunks = count // chunk
+        h = lax.fori_loop(0, n_chunks, unroll_body, h)
+        h = lax.fori_loop(start + n_chunks * chunk, start + count, position_body, h)
+
+        @pl.when(s == n_seg - 1)
+        def _():
+            h_ref[...] = h
+
+        return
     if variant == "loop":
         n_chunks, tail_start = 0, 0
     else:
@@ -156,6 +198,53 @@ def _scan_kernel(*refs, seq, chunk, variant, has_mask, has_h0):
     if tail_start < seq:
         h = lax.fori_loop(tail_start, seq, position_body, h)
     h_ref[...] = h
+
+
+def _segment_state_kernel(*refs, seg_len, chunk, has_mask):
+    """Pass 1 of ``"segmented"``: program (channel block j, batch row b, segment s) scans the
+    ``seg_len`` positions of segment s from a zero state. Refs (batch dim squeezed): x, dt [seq, bd];
+    b [seq, ds]; a2 [bd, ds]; bias [bd]; mask [seq, 1] (optional); outputs: the segment's end state
+    [bd, ds] f32 and its sum of softplus(dt) [bd] f32 (the segment's decay is exp2(a2 * sum))."""
+    x_ref, dt_ref, b_ref, a_ref, bias_ref = refs[:5]
+    m_ref = refs[5] if has_mask else None
+    hseg_ref, dtsum_ref = refs[-2:]
+    a2 = a_ref[...].astype(_F32)
+    bias = bias_ref[...].astype(_F32)
+    start = pl.program_id(2) * seg_len
+
+    def body(c, carry):
+        h, acc = carry
+        base = start + c * chunk
+        loaded = [(x_ref[base + i, :], dt_ref[base + i, :], b_ref[base + i, :],
+                   m_ref[base + i, :] if has_mask else None) for i in range(chunk)]
+        for x_r, dt_r, b_r, m in loaded:
+            dt_s = _softplus(dt_r.astype(_F32) + bias)
+            if has_mask:
+                dt_s = jnp.where(m > 0.5, dt_s, 0.0)
+            h = jnp.exp2(dt_s[:, None] * a2) * h + (dt_s * x_r.astype(_F32))[:, None] * b_r.astype(_F32)[None, :]
+            acc = acc + dt_s
+        return h, acc
+
+    init = (jnp.zeros(a2.shape, _F32), jnp.zeros(bias.shape, _F32))
+    h, acc = lax.fori_loop(0, seg_len // chunk, body, init)
+    hseg_ref[...] = h
+    dtsum_ref[...] = acc
+
+
+def _segment_length(seq, chunk, segments, programs):
+    """``seg_len`` (a multiple of ``chunk``) and the resulting number of segments; ``segments``
+    None picks enough segments to reach ``_TARGET_PROGRAMS`` programs, each at least
+    ``_MIN_SEG_LEN`` positions long."""
+    if segments is None:
+        want = _next_pow2(max(1, -(-_TARGET_PROGRAMS // programs)))
+        segments = max(1, min(want, seq // _MIN_SEG_LEN))
+    seg_len = -(-max(1, -(-seq // segments)) // chunk) * chunk
+    return seg_len, -(-seq // seg_len)
+
+
+def _with_segment_axis(spec):
+    """The same block for every segment: a (j, b) index map extended to the grid (j, b, s)."""
+    return pl.BlockSpec(spec.block_shape, lambda j, b, s: spec.index_map(j, b))
 
 
 def _compiler_params(num_warps, num_stages):
@@ -179,6 +268,7 @@ def selective_scan_pallas(
     block_d: int = 32,
     chunk: int = 8,
     variant: str = "unroll",
+    segments: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
@@ -188,6 +278,8 @@ def selective_scan_pallas(
     ``block_d`` (channels per program) and ``chunk`` (positions per unrolled/tile step) must be
     powers of two; ``block_d`` is clipped to d_inner rounded up to a power of two. d_inner is
     padded up to a multiple of ``block_d`` and d_state up to a power of two (with A = B = C = 0).
+    ``segments`` (``"segmented"`` only): how many time segments to cut the sequence into (None:
+    enough for about 8192 programs, segments of at least 256 positions); one segment is ``"unroll"``.
     ``num_warps``/``num_stages`` go to the Triton compiler (ignored in interpret mode); by default
     one warp per 32 channels (1 to 4).
     Returns ``(y [batch, seq, d_inner] f32, final_state [batch, d_inner, d_state] f32)``.
@@ -233,20 +325,60 @@ def selective_scan_pallas(
         operands.append(pad_to(initial_state.astype(_F32), (batch, d_pad, ds)))
         in_specs.append(state_block)
 
-    kernel = functools.partial(
-        _scan_kernel, seq=seq, chunk=chunk, variant=variant, has_mask=has_mask, has_h0=has_h0
-    )
+    params = None if interpret else _compiler_params(num_warps, num_stages)
+    n_blocks = d_pad // block_d
+    seg_len, n_seg = (None, 1)
+    if variant == "segmented":
+        seg_len, n_seg = _segment_length(seq, chunk, segments, n_blocks * batch)
+        if n_seg == 1:
+            variant, seg_len = "unroll", None
+    if n_seg == 1:
+        kernel = functools.partial(
+            _scan_kernel, seq=seq, chunk=chunk, variant=variant, has_mask=has_mask, has_h0=has_h0
+        )
+        grid, index = (n_blocks, batch), lambda spec: spec
+    else:
+        # Pass 1: end state and dt sum of every segment but the last, each from a zero state.
+        pass1_ops = [x, dt, B, a2, bias_vec] + ([operands[8]] if has_mask else [])
+        pass1_specs = [in_specs[i] for i in (0, 1, 3, 5, 7)] + ([in_specs[8]] if has_mask else [])
+        hseg, dtsum = pl.pallas_call(
+            functools.partial(_segment_state_kernel, seg_len=seg_len, chunk=chunk, has_mask=has_mask),
+            out_shape=(
+                jax.ShapeDtypeStruct((batch, n_seg - 1, d_pad, ds), _F32),
+                jax.ShapeDtypeStruct((batch, n_seg - 1, d_pad), _F32),
+            ),
+            grid=(n_blocks, batch, n_seg - 1),
+            in_specs=[_with_segment_axis(spec) for spec in pass1_specs],
+            out_specs=(
+                pl.BlockSpec((None, None, block_d, ds), lambda j, b, s: (b, s, j, 0)),
+                pl.BlockSpec((None, None, block_d), lambda j, b, s: (b, s, j)),
+            ),
+            interpret=interpret,
+            compiler_params=params,
+            name="selective_scan_segment_states",
+        )(*pass1_ops)
+        # Pass 2: each segment folds the earlier ones into its initial state, then scans.
+        operands += [hseg, dtsum]
+        in_specs = [_with_segment_axis(spec) for spec in in_specs] + [
+            pl.BlockSpec((None, n_seg - 1, block_d, ds), lambda j, b, s: (b, 0, j, 0)),
+            pl.BlockSpec((None, n_seg - 1, block_d), lambda j, b, s: (b, 0, j)),
+        ]
+        kernel = functools.partial(
+            _scan_kernel, seq=seq, chunk=chunk, variant="unroll", has_mask=has_mask, has_h0=has_h0,
+            seg_len=seg_len, n_seg=n_seg,
+        )
+        grid, index = (n_blocks, batch, n_seg), _with_segment_axis
     y, h_final = pl.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((batch, seq, d_pad), _F32),
             jax.ShapeDtypeStruct((batch, d_pad, ds), _F32),
         ),
-        grid=(d_pad // block_d, batch),
+        grid=grid,
         in_specs=in_specs,
-        out_specs=(seq_block, state_block),
+        out_specs=(index(seq_block), index(state_block)),
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+        compiler_params=params,
         name=f"selective_scan_{variant}",
     )(*operands)
     if pad_d or pad_s:

@@ -1,4 +1,5 @@
-"""The Pallas selective-scan kernel (interpret mode on CPU) against ``selective_scan_sequential``,
+"""The Pallas selective-scan kernel (interpret mode on CPU; every variant, the two-pass
+``"segmented"`` one with several segment counts) against ``selective_scan_sequential``,
 the decode-step functions against one step of it, one float64 numpy oracle, and a check that the
 kernel lowers for the Triton GPU backend (lowering only: no GPU is needed to build the Triton IR)."""
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from jamba_jax.scan import selective_scan_sequential
 from pallas_kernels.selective_scan import (
     VARIANTS,
+    _segment_length,
     selective_scan_pallas,
     selective_state_update,
     selective_state_update_pallas,
@@ -73,6 +75,37 @@ def test_kernel_matches_sequential(case):
     assert rel_err(h, h_ref) < TOL
 
 
+# (batch, seq, d_inner, d_state, block_d, chunk, segments, initial state, mask)
+SEGMENTED_CASES = [
+    (2, 37, 40, 6, 16, 4, 4, True, "mixed"),  # segments of 12, 12, 12, 1 (the last one tail-only)
+    (1, 64, 16, 16, 8, 8, 8, False, None),  # equal segments, no tails
+    (2, 50, 24, 5, 8, 4, 3, True, "left"),  # 20, 20, 10: a short last segment with a tail
+    (2, 9, 8, 4, 8, 4, 5, False, "mixed"),  # more segments asked for than chunks: 4, 4, 1
+]
+
+
+@pytest.mark.parametrize("case", SEGMENTED_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-d{c[2]}-s{c[3]}-S{c[6]}")
+def test_segmented_matches_sequential(case):
+    batch, seq, d_inner, d_state, block_d, chunk, segments, state, mask = case
+    args, h0, m = make_inputs(sum(case[:4]), batch, seq, d_inner, d_state, state=state, mask=mask)
+    y_ref, h_ref = call(selective_scan_sequential, args, initial_state=h0, mask=m)
+    y, h = call(selective_scan_pallas, args, initial_state=h0, mask=m, block_d=block_d, chunk=chunk,
+                variant="segmented", segments=segments, interpret=True)
+    assert y.shape == y_ref.shape and h.shape == h_ref.shape
+    assert rel_err(y, y_ref) < TOL
+    assert rel_err(h, h_ref) < TOL
+
+
+def test_segment_length_choice():
+    """segments=None: about 8192 programs, segments of at least 256 positions, multiples of chunk."""
+    assert _segment_length(65536, 8, None, 256) == (2048, 32)  # Jamba-1.5-Mini, batch 1, block_d 32
+    assert _segment_length(4096, 8, None, 256) == (256, 16)
+    assert _segment_length(4096, 8, None, 8192) == (4096, 1)  # already enough programs
+    assert _segment_length(300, 8, None, 16)[1] == 1  # too short to split
+    assert _segment_length(37, 4, 4, 3) == (12, 4)
+    assert _segment_length(9, 4, 5, 2) == (4, 3)
+
+
 def test_kernel_bf16_inputs_under_jit():
     args, h0, m = make_inputs(7, 2, 21, 32, 16, state=True, mask="mixed", dtype=jnp.bfloat16)
     y_ref, h_ref = call(selective_scan_sequential, args, initial_state=h0, mask=m)
@@ -82,11 +115,13 @@ def test_kernel_bf16_inputs_under_jit():
     assert rel_err(y, y_ref) < TOL and rel_err(h, h_ref) < TOL
 
 
-def test_masked_positions_are_inert():
+@pytest.mark.parametrize("variant", ["unroll", "segmented"])
+def test_masked_positions_are_inert(variant):
     """A fully masked row leaves the initial state untouched."""
     args, h0, _ = make_inputs(3, 2, 11, 16, 4, state=True)
     m = jnp.asarray(np.array([[False] * 11, [True] * 11]))
-    _, h = call(selective_scan_pallas, args, initial_state=h0, mask=m, block_d=16, chunk=4, interpret=True)
+    _, h = call(selective_scan_pallas, args, initial_state=h0, mask=m, block_d=16, chunk=4, variant=variant,
+                segments=3, interpret=True)
     np.testing.assert_array_equal(np.asarray(h[0]), np.asarray(h0[0]))
 
 
@@ -150,7 +185,7 @@ def test_lowers_for_triton_gpu(variant):
     b, L, d, s = 2, 45, 96, 6
     fn = jax.jit(lambda x, dt, A, B, C, D, z, bias, h0, m: selective_scan_pallas(
         x, dt, A, B, C, D, z, bias, initial_state=h0, mask=m, block_d=32, chunk=8, variant=variant,
-        num_warps=1))
+        segments=4, num_warps=1))
     args = (sd((b, L, d)), sd((b, L, d)), sd((d, s), jnp.float32), sd((b, L, s)), sd((b, L, s)),
             sd((d,), jnp.float32), sd((b, L, d)), sd((d,), jnp.float32), sd((b, d, s), jnp.float32),
             sd((b, L), jnp.bool_))
@@ -159,4 +194,5 @@ def test_lowers_for_triton_gpu(variant):
             export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     except (ImportError, ModuleNotFoundError) as e:  # a jaxlib built without the Triton dialect
         pytest.skip(f"no Triton lowering in this jaxlib: {e}")
-    assert "xla.gpu.triton" in exported.mlir_module()
+    # "segmented" is two kernels (segment states, then the outputs).
+    assert exported.mlir_module().count("xla.gpu.triton") == (2 if variant == "segmented" else 1)

@@ -1,0 +1,106 @@
+"""The model with ``scan_impl="pallas-interpret"`` (the Pallas selective-scan kernel in interpret
+mode) gives the logits of ``scan_impl="associative"``: a left-padded prefill and decode steps
+through the cache; and ``"pallas"`` off GPU is the associative scan."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jamba_jax
+from jamba_jax import JambaConfig, JambaLM, init_params
+from jamba_jax import scan as scan_module
+from jamba_jax.cache import init_cache
+from pallas_kernels import selective_scan as kernels
+
+TOL = 1e-5
+# Layers mamba, attention, mamba (one scanned block); dense MLPs keep compile times short.
+CONFIG = dataclasses.replace(JambaConfig.named("jamba-tiny"), num_hidden_layers=3, attn_layer_period=3,
+                             attn_layer_offset=1, num_experts=1, vocab_size=128)
+PROMPT, DECODE_STEPS, BATCH = 19, 2, 2
+# On a GPU the same tests check the compiled kernel (run with JAX_DEFAULT_MATMUL_PRECISION=highest).
+PALLAS = "pallas" if jax.default_backend() == "gpu" else "pallas-interpret"
+
+
+@functools.cache
+def random_params():
+    def draw(key):
+        params = init_params(CONFIG, key)
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        # Larger than the 0.02 init so that every branch matters.
+        return jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype)
+                                         for p, k in zip(leaves, keys)])
+
+    return jax.jit(draw)(jax.random.key(0))  # jitted: eager Flax init takes seconds longer
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, CONFIG.vocab_size, (BATCH, PROMPT + DECODE_STEPS)).astype(np.int32)
+    valid = np.ones(ids.shape, bool)
+    valid[0, :6] = False  # left padding on the first row
+    return jnp.asarray(ids), jnp.asarray(valid)
+
+
+def assert_close(got, ref, valid=None):
+    """Within TOL of the largest reference value; logits only where ``valid`` [batch, seq]."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape
+    if valid is not None:
+        got, ref = got[np.asarray(valid)], ref[np.asarray(valid)]
+    assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
+
+
+def decode(params, scan_impl):
+    """Logits of the left-padded prompt through the cache, then of each decode step; the cache."""
+    ids, valid = inputs()
+    model = JambaLM(CONFIG, jnp.float32, scan_impl)
+    step = jax.jit(lambda p, i, v, c: model.apply({"params": p}, i, v, cache=c))
+    cache = init_cache(CONFIG, BATCH, PROMPT + DECODE_STEPS, jnp.float32)
+    logits, cache = step(params, ids[:, :PROMPT], valid[:, :PROMPT], cache)
+    outs = [logits]
+    for t in range(PROMPT, PROMPT + DECODE_STEPS):
+        logits, cache = step(params, ids[:, t:t + 1], valid[:, t:t + 1], cache)
+        outs.append(logits)
+    return outs, cache
+
+
+def test_pallas_interpret_decode_matches_associative(monkeypatch):
+    """Prefill (padded, through the cache; the kernel with its default configuration, two-pass
+    "segmented" since the minimum segment length is lowered to 8) and decode steps (the fused update)."""
+    monkeypatch.setattr(kernels, "_MIN_SEG_LEN", 8)
+    assert kernels._segment_length(PROMPT, scan_module.PALLAS_SCAN_CONFIG["chunk"], None, 8)[1] == 2
+    params = random_params()
+    ref, ref_cache = decode(params, "associative")
+    got, got_cache = decode(params, PALLAS)
+    _, valid = inputs()
+    assert_close(got[0], ref[0], valid[:, :PROMPT])
+    for g, r in zip(got[1:], ref[1:]):
+        assert_close(g, r)
+    jax.tree.map(assert_close, got_cache, ref_cache)  # conv and ssm states, K/V
+
+
+def test_pallas_interpret_forward_matches_associative():
+    """``Jamba.scan_impl`` reaches the Mamba layers: the plain padded forward, without a cache."""
+    model = jamba_jax.Jamba(CONFIG, random_params(), scan_impl=PALLAS)
+    ids, valid = inputs()
+    got = jamba_jax.forward(model, ids, valid)
+    ref = jamba_jax.forward(model.replace(scan_impl="associative"), ids, valid)
+    assert_close(got, ref, valid)
+
+
+def test_pallas_off_gpu_is_associative():
+    if jax.default_backend() == "gpu":
+        pytest.skip("the fallback is for non-GPU backends")
+    rng = np.random.default_rng(1)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    args = (f(2, 9, 16), f(2, 9, 16), -jnp.exp(f(16, 4)), f(2, 9, 4), f(2, 9, 4), f(16), f(2, 9, 16), f(16))
+    mask = jnp.asarray(rng.random((2, 9)) > 0.3)
+    y, h = scan_module.selective_scan(*args, mask=mask, impl="pallas")
+    y_ref, h_ref = scan_module.selective_scan(*args, mask=mask, impl="associative")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
