@@ -10,15 +10,6 @@ from .config import JambaConfig
 from .layers import Dtype, Linear
 
 
-def attention_mask(query_valid: jnp.ndarray | None, seq: int) -> jnp.ndarray:
-    """Causal mask combined with a key padding mask: ``[batch or 1, 1, 1, q, k]`` bool, True = attend.
-    ``query_valid [batch, seq]`` bool marks real (non-pad) tokens."""
-    causal = jnp.tril(jnp.ones((seq, seq), bool))
-    if query_valid is None:
-        return causal[None, None, None]
-    return causal[None, None, None] & query_valid[:, None, None, None, :]
-
-
 def dot_product_attention(q, k, v, mask):
     """Softmax attention with fp32 scores and softmax.
 
@@ -34,13 +25,116 @@ def dot_product_attention(q, k, v, mask):
     return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
 
 
-def cached_attention_mask(pos, seq: int, kv_valid: jnp.ndarray) -> jnp.ndarray:
-    """Mask for ``seq`` new queries at slots ``pos .. pos + seq - 1`` over a cache of ``max_len`` slots:
-    ``[batch, 1, 1, seq, max_len]`` bool. ``kv_valid [batch, max_len]`` marks slots holding real tokens
-    (the new ones included)."""
-    max_len = kv_valid.shape[1]
-    causal = jnp.arange(max_len)[None, :] <= pos + jnp.arange(seq)[:, None]  # [seq, max_len]
-    return causal[None, None, None] & kv_valid[:, None, None, None, :]
+def position_mask(q_start, q_len: int, kv_valid, key_start=0, key_len=None):
+    """``[batch or 1, 1, 1, q_len, key_len]`` bool: query at slot ``q_start + i`` may see key slot ``s``
+    iff ``s <= q_start + i`` and ``kv_valid[b, s]`` (None = all valid). Keys are slots
+    ``key_start .. key_start + key_len - 1`` of ``kv_valid``."""
+    key_slots = key_start + jnp.arange(key_len)
+    mask = key_slots[None, :] <= q_start + jnp.arange(q_len)[:, None]
+    mask = mask[None, None, None]
+    if kv_valid is not None:
+        valid = jax.lax.dynamic_slice_in_dim(kv_valid, key_start, key_len, axis=1)
+        mask = mask & valid[:, None, None, None, :]
+    return mask
+
+
+def naive_attention(q, k, v, q_start, kv_valid):
+    """Reference: all scores at once. Shapes as in ``attend``."""
+    return dot_product_attention(q, k, v, position_mask(q_start, q.shape[1], kv_valid, 0, k.shape[1]))
+
+
+_NEG = jnp.finfo(jnp.float32).min
+
+
+def _partial(q, k, v, mask):
+    """Softmax statistics of one key block: running max ``m`` and sum ``l`` ``[b, h, g, q]`` and the
+    unnormalised output ``acc`` ``[b, h, g, q, d]``, all fp32."""
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, _NEG)
+    m = s.max(axis=-1)
+    p = jnp.exp(s - m[..., None])
+    acc = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m, p.sum(axis=-1), acc
+
+
+def _merge(a, b):
+    """Combines the softmax statistics of two disjoint key sets."""
+    m = jnp.maximum(a[0], b[0])
+    wa, wb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, a[1] * wa + b[1] * wb, a[2] * wa[..., None] + b[2] * wb[..., None]
+
+
+def _finish(stats, dtype):
+    _, l, acc = stats
+    return jnp.moveaxis(acc / l[..., None], 3, 1).astype(dtype)  # [b, h, g, q, d] -> [b, q, h, g, d]
+
+
+def _pad_keys(k, v, kv_valid, block: int):
+    """Pads the key axis to a multiple of ``block`` with slots that are never valid."""
+    batch, length = k.shape[:2]
+    pad = -length % block
+    if kv_valid is None:
+        kv_valid = jnp.ones((batch, length), bool)
+    if pad:
+        widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
+        k, v = jnp.pad(k, widths), jnp.pad(v, widths)
+        kv_valid = jnp.pad(kv_valid, [(0, 0), (0, pad)])
+    return k, v, kv_valid
+
+
+def blocked_attention(q, k, v, q_start, kv_valid, *, block_k: int = 512):
+    """Flash-style attention: a ``lax.scan`` over key blocks with an online softmax, so at most one
+    ``[q_len, block_k]`` block of scores per head exists at a time. Shapes as in ``attend``."""
+    block_k = min(block_k, k.shape[1])
+    k, v, kv_valid = _pad_keys(k, v, kv_valid, block_k)
+    n_blocks = k.shape[1] // block_k
+    batch, q_len, n_kv, group, hd = q.shape
+
+    def step(stats, i):
+        start = i * block_k
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1)
+        mask = position_mask(q_start, q_len, kv_valid, start, block_k)
+        return _merge(stats, _partial(q, kb, vb, mask)), None
+
+    init = (jnp.full((batch, n_kv, group, q_len), _NEG), jnp.zeros((batch, n_kv, group, q_len)),
+            jnp.zeros((batch, n_kv, group, q_len, hd)))
+    stats, _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
+    return _finish(stats, q.dtype)
+
+
+def split_k_attention(q, k, v, q_start, kv_valid, *, num_splits: int = 16):
+    """Decode attention: the key range is cut into ``num_splits`` parts whose partial softmaxes are
+    computed in parallel (not one after another) and merged. Shapes as in ``attend``."""
+    length = k.shape[1]
+    num_splits = max(1, min(num_splits, length))
+    block = -(-length // num_splits)
+    k, v, kv_valid = _pad_keys(k, v, kv_valid, block)
+    q_len = q.shape[1]
+
+    def one_split(i):
+        start = i * block
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=1)
+        return _partial(q, kb, vb, position_mask(q_start, q_len, kv_valid, start, block))
+
+    m, l, acc = jax.vmap(one_split)(jnp.arange(k.shape[1] // block))  # leading split axis
+    m_all = m.max(axis=0)
+    w = jnp.exp(m - m_all)
+    return _finish((m_all, (l * w).sum(0), (acc * w[..., None]).sum(0)), q.dtype)
+
+
+def attend(q, k, v, q_start, kv_valid, *, block_k: int = 512, num_splits: int = 16):
+    """Causal GQA attention of ``q_len`` queries at slots ``q_start ..`` over key slots ``0 .. k_len-1``.
+
+    q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, k_len, kv_heads, head_dim]`` (K/V are
+    never repeated per group); ``kv_valid [batch, k_len]`` bool or None. Scores and softmax in fp32.
+    Returns ``[batch, q_len, kv_heads, group, head_dim]`` in ``q.dtype``. One query (decode) uses the
+    split-K path, longer blocks the blocked (flash-style) path."""
+    if q.shape[1] == 1:
+        return split_k_attention(q, k, v, q_start, kv_valid, num_splits=num_splits)
+    return blocked_attention(q, k, v, q_start, kv_valid, block_k=block_k)
 
 
 class Attention(nn.Module):
@@ -67,13 +161,12 @@ class Attention(nn.Module):
         k = k.reshape(batch, seq, n_kv, hd)
         v = v.reshape(batch, seq, n_kv, hd)
         if cache is None:
-            out = dot_product_attention(q, k, v, attention_mask(token_valid, seq))
+            out = attend(q, k, v, 0, token_valid)
         else:
             start = (0, pos, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
             cache = {"key": k, "value": v}
-            out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype),
-                                        cached_attention_mask(pos, seq, kv_valid))
+            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), pos, kv_valid)
         out = Linear(cfg.hidden_size, dtype=self.dtype, name="o_proj")(out.reshape(batch, seq, -1))
         return out, cache

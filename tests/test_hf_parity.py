@@ -90,4 +90,4 @@ def test_bf16_error_no_worse_than_hf_bf16(tmp_path):
         ours_err.append(rel_err(ours_bf16, truth))
         hf_err.append(rel_err(hf_bf16, truth))
     assert np.mean(ours_err) <= 1.2 * np.mean(hf_err), (ours_err, hf_err)
-    assert max(ours_err) < 0.05, ours_err  # ~2^-8 relative per op, a dozen ops deep
+    assert max(ours_err) <= max(hf_err), (ours_err, hf_err)
