@@ -125,13 +125,28 @@ def split_k_attention(q, k, v, q_start, kv_valid, *, num_splits: int = 16):
     return _finish((m_all, (l * w).sum(0), (acc * w[..., None]).sum(0)), q.dtype)
 
 
-def attend(q, k, v, q_start, kv_valid, *, block_k: int = 512, num_splits: int = 16):
+ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
+
+
+def attend(q, k, v, q_start, kv_valid, *, block_k: int = 512, num_splits: int = 16, impl: str = "xla"):
     """Causal GQA attention of ``q_len`` queries at slots ``q_start ..`` over key slots ``0 .. k_len-1``.
 
     q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, k_len, kv_heads, head_dim]`` (K/V are
     never repeated per group); ``kv_valid [batch, k_len]`` bool or None. Scores and softmax in fp32.
     Returns ``[batch, q_len, kv_heads, group, head_dim]`` in ``q.dtype``. One query (decode) uses the
-    split-K path, longer blocks the blocked (flash-style) path."""
+    split-K path, longer blocks the blocked (flash-style) path. ``impl``: ``"xla"``, ``"pallas"`` (the
+    kernels of ``pallas_kernels.flash_attention`` on GPU, the XLA paths elsewhere) or
+    ``"pallas-interpret"`` (the kernels in interpret mode, for tests); ``block_k`` and ``num_splits``
+    tune the XLA paths only."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "pallas-interpret" or (impl == "pallas" and jax.default_backend() == "gpu"):
+        from pallas_kernels import flash_attention as kernels  # imported at trace time only
+
+        interpret = impl == "pallas-interpret"
+        if q.shape[1] == 1:
+            return kernels.decode_attention_pallas(q, k, v, q_start, kv_valid, interpret=interpret)
+        return kernels.flash_attention_pallas(q, k, v, q_start, kv_valid, interpret=interpret)
     if q.shape[1] == 1:
         return split_k_attention(q, k, v, q_start, kv_valid, num_splits=num_splits)
     return blocked_attention(q, k, v, q_start, kv_valid, block_k=block_k)

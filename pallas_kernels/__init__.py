@@ -1,3 +1,7 @@
+from pallas_kernels.flash_attention import (  # noqa: F401
+    decode_attention_pallas,
+    flash_attention_pallas,
+)
 from pallas_kernels.int8_ragged_dot import (  # noqa: F401
     int8_ragged_dot_pallas,
     int8_ragged_dot_reference,
