@@ -5,10 +5,12 @@ from .config import ConfigError, JambaConfig, config_names
 from .convert.hf_checkpoint import CheckpointError
 from .generate import GenerationResult, chat, generate
 from .model import JambaLM, abstract_params, init_params
+from .quant import QuantizedWeight, quantize_params
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "Jamba", "JambaConfig", "JambaLM", "abstract_params",
-    "GenerationResult", "chat", "config_names", "forward", "generate", "init_params", "load",
+    "GenerationResult", "QuantizedWeight", "chat", "config_names", "forward", "generate", "init_params", "load",
+    "quantize_params",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 from .config import ConfigError, JambaConfig
 from .convert.hf_checkpoint import CheckpointError, load_hf_params
 from .model import JambaLM
+from .quant import MOE_IMPLS, check_quantize, quantize_params
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -21,33 +22,52 @@ TOKENIZER_FILE = "tokenizer.json"
 @dataclasses.dataclass(frozen=True)
 class Jamba:
     """A loaded model: its config, its params (a plain pytree in ``dtype``) and, when the checkpoint
-    has one, its ``tokenizers.Tokenizer``. ``scan_impl`` picks the Mamba selective-scan implementation."""
+    has one, its ``tokenizers.Tokenizer``. ``scan_impl`` picks the Mamba selective-scan implementation,
+    ``moe_impl`` the grouped matmul of int8 expert weights (``"xla"``, ``"pallas"``: the Pallas kernel on
+    GPU, else XLA; ``"pallas-interpret"``). ``quantize`` (``"experts-int8"`` or None) records that the
+    feed-forward weights in ``params`` are ``quant.QuantizedWeight``s."""
 
     config: JambaConfig
     params: Any
     tokenizer: Any = None
     scan_impl: str = "associative"
+    moe_impl: str = "xla"
+    quantize: str | None = None
+
+    def __post_init__(self):
+        check_quantize(self.quantize)
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"unknown moe_impl {self.moe_impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
 
     @property
     def dtype(self) -> jnp.dtype:
-        return jax.tree.leaves(self.params)[0].dtype
+        """The compute dtype: the embedding's (int8 weights and their fp32 scales do not count)."""
+        return self.params["embed_tokens"]["embedding"].dtype
 
     def replace(self, **changes) -> "Jamba":
         return dataclasses.replace(self, **changes)
 
 
-def load(path: str | Path, *, dtype=None, scan_impl: str = "associative") -> Jamba:
+def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", quantize: str | None = None,
+         moe_impl: str = "xla") -> Jamba:
     """Loads an HF Jamba checkpoint directory (``config.json`` + safetensors, single or sharded).
 
     ``dtype`` (e.g. ``"float32"``, ``jnp.bfloat16``) defaults to the checkpoint's dtype.
-    Raises ``ConfigError`` / ``CheckpointError`` with a message naming the file or key."""
+    Raises ``ConfigError`` / ``CheckpointError`` with a message naming the file or key.
+
+    ``quantize="experts-int8"`` stores every MoE expert and dense MLP weight as int8 with fp32 per-output-
+    channel scales (``quant.quantize_params``), one leaf at a time after loading. ``moe_impl`` is stored on
+    the ``Jamba``."""
+    check_quantize(quantize)
+    if moe_impl not in MOE_IMPLS:
+        raise ValueError(f"unknown moe_impl {moe_impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; expected an HF checkpoint directory")
     config = JambaConfig.from_json(path / "config.json")
     dtype = jnp.dtype(dtype if dtype is not None else config.dtype)
-    params = load_hf_params(path, config, dtype)
-    return Jamba(config, params, _load_tokenizer(path), scan_impl)
+    params = quantize_params(load_hf_params(path, config, dtype), config, quantize)
+    return Jamba(config, params, _load_tokenizer(path), scan_impl, moe_impl, quantize)
 
 
 def _load_tokenizer(path: Path):
@@ -62,9 +82,9 @@ def _load_tokenizer(path: Path):
         raise CheckpointError(f"{file}: unreadable tokenizer ({e})") from None
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "scan_impl"))
-def _forward(params, input_ids, token_valid, *, config, dtype, scan_impl):
-    return JambaLM(config, dtype, scan_impl).apply({"params": params}, input_ids, token_valid)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "scan_impl", "moe_impl"))
+def _forward(params, input_ids, token_valid, *, config, dtype, scan_impl, moe_impl="xla"):
+    return JambaLM(config, dtype, scan_impl, moe_impl).apply({"params": params}, input_ids, token_valid)
 
 
 def forward(model: Jamba, input_ids, attention_mask=None) -> jax.Array:
@@ -81,7 +101,7 @@ def forward(model: Jamba, input_ids, attention_mask=None) -> jax.Array:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
     return _forward(model.params, input_ids, attention_mask, config=model.config,
-                    dtype=np.dtype(model.dtype), scan_impl=model.scan_impl)
+                    dtype=np.dtype(model.dtype), scan_impl=model.scan_impl, moe_impl=model.moe_impl)
 
 
 __all__ = ["Jamba", "load", "forward", "ConfigError", "CheckpointError"]

@@ -7,13 +7,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from .quant import dot
+
 Dtype = Any
 default_init = nn.initializers.normal(stddev=0.02)
 
 
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)``; ``kernel [in, features]`` (the transpose of torch's weight), both in
-    ``dtype``; the input is cast to ``dtype``."""
+    ``dtype``; the input is cast to ``dtype``. The kernel may be a ``quant.QuantizedWeight`` (ExpertsInt8)."""
 
     features: int
     use_bias: bool = False
@@ -22,7 +24,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param("kernel", default_init, (x.shape[-1], self.features), self.dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel)
+        y = dot(x.astype(self.dtype), kernel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         return y

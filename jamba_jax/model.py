@@ -30,6 +30,7 @@ class DecoderLayer(nn.Module):
     moe: bool
     dtype: Dtype = jnp.float32
     scan_impl: str = "associative"
+    moe_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
@@ -41,8 +42,11 @@ class DecoderLayer(nn.Module):
             h, cache = Mamba(cfg, self.dtype, self.scan_impl, name="mamba")(h, token_valid, cache)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="pre_ff_layernorm")(x)
-        ffn = MoE if self.moe else MLP
-        return x + ffn(cfg, self.dtype, name="feed_forward")(h), cache
+        if self.moe:
+            ffn = MoE(cfg, self.dtype, self.moe_impl, name="feed_forward")
+        else:
+            ffn = MLP(cfg, self.dtype, name="feed_forward")
+        return x + ffn(h), cache
 
 
 class Block(nn.Module):
@@ -53,6 +57,7 @@ class Block(nn.Module):
     positions: Sequence[int]
     dtype: Dtype = jnp.float32
     scan_impl: str = "associative"
+    moe_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
@@ -60,7 +65,7 @@ class Block(nn.Module):
         for j in self.positions:
             name = f"layer_{j}"
             layer = DecoderLayer(self.config, self.config.mixer_type(j), self.config.is_moe(j), self.dtype,
-                                 self.scan_impl, name=name)
+                                 self.scan_impl, self.moe_impl, name=name)
             x, entry = layer(x, token_valid, None if cache is None else cache[name], pos, kv_valid)
             if cache is not None:
                 new_cache[name] = entry
@@ -70,7 +75,8 @@ class Block(nn.Module):
 class JambaLM(nn.Module):
     """``input_ids [batch, seq]`` int, ``token_valid [batch, seq]`` bool or None -> logits
     ``[batch, seq, vocab]`` in ``dtype`` (``[batch, 1, vocab]`` for the last position with
-    ``last_only``).
+    ``last_only``). ``scan_impl`` picks the selective scan (``scan.SCAN_IMPLS``), ``moe_impl`` the
+    grouped matmul of int8 expert weights (``quant.MOE_IMPLS``; float weights always use ``ragged_dot``).
 
     With ``cache`` (see ``jamba_jax.cache``) the tokens continue the cached sequences at slot
     ``cache["pos"]`` and ``(logits, new_cache)`` is returned."""
@@ -78,6 +84,7 @@ class JambaLM(nn.Module):
     config: JambaConfig
     dtype: Dtype = jnp.float32
     scan_impl: str = "associative"
+    moe_impl: str = "xla"
 
     @nn.compact
     def __call__(self, input_ids, token_valid=None, cache=None, last_only: bool = False):
@@ -97,13 +104,14 @@ class JambaLM(nn.Module):
         if cfg.num_blocks:
             blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.num_blocks)
-            x, entries = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, name="blocks")(
-                x, token_valid, None if cache is None else cache["blocks"], pos, kv_valid)
+            scanned = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, self.moe_impl, name="blocks")
+            x, entries = scanned(x, token_valid, None if cache is None else cache["blocks"], pos, kv_valid)
             if cache is not None:
                 new_cache["blocks"] = entries
         if cfg.num_tail_layers:
-            x, entries = Block(cfg, tuple(range(cfg.num_tail_layers)), self.dtype, self.scan_impl, name="tail")(
-                x, token_valid, None if cache is None else cache["tail"], pos, kv_valid)
+            layers = tuple(range(cfg.num_tail_layers))
+            tail = Block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, name="tail")
+            x, entries = tail(x, token_valid, None if cache is None else cache["tail"], pos, kv_valid)
             if cache is not None:
                 new_cache["tail"] = entries
         if last_only:

@@ -1,7 +1,8 @@
 """Feed-forward blocks: the dense SiLU-gated MLP and the top-k mixture of experts.
 
 The MoE is dropless: the (token, choice) pairs are sorted by expert and each expert's contiguous run
-of rows is multiplied by that expert's weights with one grouped matmul (`jax.lax.ragged_dot`)."""
+of rows is multiplied by that expert's weights with one grouped matmul (`jax.lax.ragged_dot`; for int8
+weights, see `quant.int8_ragged_dot`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 
 from .config import JambaConfig
 from .layers import Dtype, Linear, default_init
+from .quant import QuantizedWeight, int8_ragged_dot
 
 
 class MLP(nn.Module):
@@ -35,12 +37,14 @@ def route(router_logits: jnp.ndarray, top_k: int):
     return jax.lax.top_k(probs, top_k)
 
 
-def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj):
+def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl: str = "xla"):
     """Dropless grouped expert FFN.
 
     x ``[tokens, hidden]``; expert_ids, weights ``[tokens, k]``; gate_proj, up_proj
     ``[experts, hidden, inter]``; down_proj ``[experts, inter, hidden]``. Returns
     ``[tokens, hidden]`` in ``x.dtype``: ``sum_k weights[:, k] * down_e(silu(gate_e(x)) * up_e(x))``.
+    A projection may be a ``QuantizedWeight`` (int8); ``impl`` ("xla", "pallas", "pallas-interpret") picks
+    its grouped matmul (see ``quant.int8_ragged_dot``).
     """
     tokens, top_k = expert_ids.shape
     num_experts = gate_proj.shape[0]
@@ -50,6 +54,8 @@ def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj):
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
 
     def grouped(lhs, rhs):
+        if isinstance(rhs, QuantizedWeight):
+            return int8_ragged_dot(lhs, rhs, group_sizes, impl)
         return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes)
 
     h = nn.silu(grouped(rows, gate_proj)) * grouped(rows, up_proj)
@@ -61,10 +67,11 @@ def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj):
 class MoE(nn.Module):
     """Top-k mixture of SiLU-gated experts: ``[batch, seq, hidden]`` -> same, in ``dtype``.
     Params: ``router/kernel [hidden, experts]`` and ``experts/{gate,up}_proj [experts, hidden, inter]``,
-    ``experts/down_proj [experts, inter, hidden]``."""
+    ``experts/down_proj [experts, inter, hidden]``. ``moe_impl`` picks the int8 grouped matmul."""
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
+    moe_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -74,7 +81,7 @@ class MoE(nn.Module):
         logits = Linear(E, dtype=self.dtype, name="router")(flat)
         weights, expert_ids = route(logits, cfg.num_experts_per_tok)
         experts = Experts(E, H, inter, self.dtype, name="experts")
-        out = experts_ffn(flat, expert_ids, weights.astype(self.dtype), *experts())
+        out = experts_ffn(flat, expert_ids, weights.astype(self.dtype), *experts(), self.moe_impl)
         return out.reshape(x.shape)
 
 
