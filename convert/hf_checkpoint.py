@@ -1,10 +1,19 @@
 """Reads an HF safetensors checkpoint (one file, or shards with ``model.safetensors.index.json``)
-into this project's param pytree, checking every key and shape against ``hf_keys``."""
+into this project's param pytree, checking every key and shape against ``hf_keys``.
+
+``iter_hf_leaves`` streams the checkpoint one param leaf at a time (the loader and the converter
+both use it): every file, key, shape and dtype is checked through ``safe_open`` and the file headers
+before any tensor data is read; each tensor is then read with one ``np.fromfile`` at its offset
+rather than through a memory map, whose pages would count as resident until the file is closed
+(that would double the peak memory of a conversion).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Callable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +23,13 @@ from tqdm.auto import tqdm
 
 from ..config import JambaConfig
 from ..model import abstract_params
-from .hf_keys import checkpoint_entries
+from .hf_keys import Entry, checkpoint_entries
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# safetensors dtype -> little-endian numpy dtype
+NP_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+             "BF16": np.dtype(jnp.bfloat16)}
 
 
 class CheckpointError(ValueError):
@@ -51,46 +63,133 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def load_hf_params(directory: str | Path, config: JambaConfig, dtype=jnp.float32):
-    """The params of the HF checkpoint in ``directory`` as a pytree of ``jnp`` arrays in ``dtype``.
+def hf_shape(entry: Entry, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape of ``entry`` whose param leaf has shape ``leaf_shape``."""
+    return entry.layout.to_hf(np.empty(leaf_shape[len(entry.index):], np.uint8)).shape
 
-    Raises ``CheckpointError`` naming the key on an unexpected, missing or mis-shaped tensor."""
+
+@dataclasses.dataclass(frozen=True)
+class HFCheckpoint:
+    """A checked HF checkpoint: where each entry's tensor lives and how many bytes it holds."""
+
+    directory: Path
+    files: dict[str, Path]       # hf_key -> safetensors file
+    leaves: dict[tuple, tuple]   # param path -> (shape, entries filling it), in checkpoint order
+    nbytes: dict[str, int]       # hf_key -> bytes on disk
+    offsets: dict[Path, dict]    # file -> key -> (byte offset, dtype, shape)
+
+    @property
+    def source_files(self) -> list[Path]:
+        return sorted(set(self.files.values()))
+
+
+def open_hf_checkpoint(directory: str | Path, config: JambaConfig) -> HFCheckpoint:
+    """Checks the checkpoint in ``directory`` against ``config`` from the file headers alone.
+
+    Raises ``CheckpointError`` naming the file and key on an unexpected, missing, mis-shaped or
+    non-float tensor, an unreadable file or a missing shard."""
     directory = Path(directory)
     files = tensor_files(directory)
     entries = list(checkpoint_entries(config))
     expected = {e.hf_key for e in entries}
-    if config.tie_word_embeddings:
-        expected_extra = {"lm_head.weight"}  # some tied checkpoints still store the head; it is ignored
-    else:
-        expected_extra = set()
+    # some tied checkpoints still store the head; it is ignored
+    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
     for key in sorted(files):
-        if key not in expected and key not in expected_extra:
+        if key not in expected and key not in ignored:
             raise CheckpointError(f"{files[key]}: unexpected tensor {key!r} for this config "
                                   f"({config.num_hidden_layers} layers); wrong config.json?")
     for e in entries:
         if e.hf_key not in files:
             raise CheckpointError(f"{directory}: missing tensor {e.hf_key!r}")
 
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    shapes = traverse_util.flatten_dict(abstract_params(config, dtype))
-    buffers = {path: np.empty(leaf.shape, np_dtype) for path, leaf in shapes.items()}
-    by_file: dict[Path, list] = {}
+    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract_params(config)).items()}
+    leaves: dict[tuple, tuple] = {}
+    for e in entries:
+        leaves.setdefault(e.path, (shapes[e.path], []))[1].append(e)
+    by_file: dict[Path, list[Entry]] = {}
     for e in entries:
         by_file.setdefault(files[e.hf_key], []).append(e)
+    nbytes = {}
+    for path in sorted(by_file):
+        with _open(path) as f:
+            for e in by_file[path]:
+                try:
+                    header = f.get_slice(e.hf_key)
+                except SafetensorError:
+                    raise CheckpointError(f"{path}: missing tensor {e.hf_key!r} (listed in {INDEX_FILE})") from None
+                shape, dtype = tuple(header.get_shape()), header.get_dtype()
+                want = hf_shape(e, shapes[e.path])
+                if shape != want:
+                    raise CheckpointError(f"{path}: tensor {e.hf_key!r} has shape {shape}, expected {want}")
+                if dtype not in NP_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {e.hf_key!r} has dtype {dtype}, expected one of "
+                                          f"{', '.join(NP_DTYPES)}")
+                nbytes[e.hf_key] = NP_DTYPES[dtype].itemsize * int(np.prod(shape))
+    offsets = {path: _data_offsets(path) for path in by_file}
+    return HFCheckpoint(directory, files, {p: (s, tuple(es)) for p, (s, es) in leaves.items()}, nbytes, offsets)
 
-    with tqdm(total=len(entries), desc="loading tensors", unit="tensor", disable=None) as bar:
-        for path in sorted(by_file):
-            with _open(path) as f:
-                for e in by_file[path]:
-                    try:
-                        tensor = f.get_tensor(e.hf_key)
-                    except (SafetensorError, OSError) as err:
-                        raise CheckpointError(f"{path}: cannot read {e.hf_key!r} ({err})") from None
-                    target = buffers[e.path]
-                    hf_shape = e.layout.to_hf(np.empty(target.shape[len(e.index):], np.uint8)).shape
-                    if tuple(tensor.shape) != hf_shape:
-                        raise CheckpointError(f"{path}: tensor {e.hf_key!r} has shape {tuple(tensor.shape)}, "
-                                              f"expected {hf_shape}")
-                    target[e.index] = e.layout.to_jax(tensor).astype(np_dtype)
-                    bar.update()
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in buffers.items()})
+
+def _data_offsets(path: Path) -> dict[str, tuple[int, str, tuple[int, ...]]]:
+    """``key -> (absolute byte offset, safetensors dtype, shape)`` from the header of a file that
+    ``safe_open`` has already validated (u64 little-endian header size, JSON header, data)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {key: (8 + size + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
+            for key, info in header.items() if key != "__metadata__"}
+
+
+def _read_tensor(path: Path, key: str, offsets: dict) -> np.ndarray:
+    """One tensor read straight into a fresh array: no memory map, so nothing stays resident."""
+    offset, dtype, shape = offsets[key]
+    count = int(np.prod(shape))
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = np.fromfile(f, NP_DTYPES[dtype], count)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {key!r} ({err})") from None
+    if data.size != count:
+        raise CheckpointError(f"{path}: cannot read {key!r} (file truncated)")
+    return data.reshape(shape)
+
+
+def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | None = None
+                   ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yields ``(param path, leaf)`` one leaf at a time: the leaf is a fresh numpy array in ``dtype``
+    with its final (stacked, transposed) shape. ``progress(nbytes)`` is called after each tensor.
+
+    Peak memory is one leaf plus one HF tensor."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    for path, (shape, entries) in ckpt.leaves.items():
+        whole = len(entries) == 1 and not entries[0].index
+        leaf = None if whole else np.empty(shape, np_dtype)
+        for e in entries:
+            file = ckpt.files[e.hf_key]
+            tensor = _read_tensor(file, e.hf_key, ckpt.offsets[file])
+            if whole:  # no copy when the layout and dtype leave the tensor as it is
+                leaf = np.ascontiguousarray(e.layout.to_jax(tensor), dtype=np_dtype)
+            else:
+                leaf[e.index] = e.layout.to_jax(tensor)  # casts to np_dtype on assignment
+            del tensor
+            if progress is not None:
+                progress(ckpt.nbytes[e.hf_key])
+        yield path, leaf
+        del leaf  # before the next leaf is allocated
+
+
+def load_hf_params(directory: str | Path, config: JambaConfig, dtype=jnp.float32,
+                   place: Callable[[tuple[str, ...], np.ndarray], object] | None = None):
+    """The params of the HF checkpoint in ``directory`` as a pytree of arrays in ``dtype``.
+
+    ``place(path, leaf)`` turns each numpy leaf into the stored array (default ``jnp.asarray``; e.g.
+    a ``jax.device_put`` onto a sharding). Raises ``CheckpointError`` naming the key on an
+    unexpected, missing or mis-shaped tensor."""
+    ckpt = open_hf_checkpoint(directory, config)
+    place = place or (lambda path, leaf: jnp.asarray(leaf))
+    params = {}
+    with tqdm(total=len(ckpt.nbytes), desc="loading tensors", unit="tensor", disable=None) as bar:
+        for path, leaf in iter_hf_leaves(ckpt, dtype, progress=lambda n: bar.update()):
+            params[path] = place(path, leaf)
+            del leaf
+    return traverse_util.unflatten_dict(params)

@@ -10,10 +10,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from .config import ConfigError, JambaConfig
 from .convert.hf_checkpoint import CheckpointError, load_hf_params
-from .model import JambaLM
+from .convert.manifest import is_converted
+from .convert.placement import leaf_shardings
+from .model import JambaLM, abstract_params
 from .quant import MOE_IMPLS, check_quantize, quantize_params
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -48,12 +51,18 @@ class Jamba:
         return dataclasses.replace(self, **changes)
 
 
-def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", quantize: str | None = None,
-         moe_impl: str = "xla") -> Jamba:
-    """Loads an HF Jamba checkpoint directory (``config.json`` + safetensors, single or sharded).
+def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=None, shardings=None,
+         quantize: str | None = None, moe_impl: str = "xla") -> Jamba:
+    """Loads a Jamba checkpoint directory: an HF one (``config.json`` + safetensors, single or
+    sharded) or one written by ``jamba convert`` (detected by its ``manifest.json``).
 
     ``dtype`` (e.g. ``"float32"``, ``jnp.bfloat16``) defaults to the checkpoint's dtype.
-    Raises ``ConfigError`` / ``CheckpointError`` with a message naming the file or key.
+    ``mesh`` (a ``jax.sharding.Mesh``) and/or ``shardings`` (a pytree of ``jax.sharding.Sharding``
+    matching the params, or a callable ``(path, jax.ShapeDtypeStruct) -> Sharding`` with ``path`` a
+    tuple of param keys) place each leaf; leaves without a sharding are replicated on ``mesh``.
+    A converted checkpoint restores every leaf straight into its sharding; an HF one is read one leaf
+    at a time and put onto it. Raises ``ConfigError`` / ``CheckpointError`` with a message naming the
+    file or key.
 
     ``quantize="experts-int8"`` stores every MoE expert and dense MLP weight as int8 with fp32 per-output-
     channel scales (``quant.quantize_params``), one leaf at a time after loading. ``moe_impl`` is stored on
@@ -64,9 +73,20 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", quanti
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; expected an HF checkpoint directory")
+    if is_converted(path):
+        from .convert.orbax_checkpoint import restore_params  # imports Orbax: only when needed
+
+        config, params = restore_params(path, dtype=dtype, mesh=mesh, shardings=shardings)
+        params = quantize_params(params, config, quantize)
+        return Jamba(config, params, _load_tokenizer(path), scan_impl, moe_impl, quantize)
     config = JambaConfig.from_json(path / "config.json")
     dtype = jnp.dtype(dtype if dtype is not None else config.dtype)
-    params = quantize_params(load_hf_params(path, config, dtype), config, quantize)
+    place = None
+    if mesh is not None or shardings is not None:
+        placement = leaf_shardings(traverse_util.flatten_dict(abstract_params(config, dtype)), mesh=mesh,
+                                   shardings=shardings)
+        place = lambda leaf_path, leaf: jax.device_put(leaf, placement[leaf_path])  # noqa: E731
+    params = quantize_params(load_hf_params(path, config, dtype, place=place), config, quantize)
     return Jamba(config, params, _load_tokenizer(path), scan_impl, moe_impl, quantize)
 
 

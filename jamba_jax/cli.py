@@ -7,6 +7,7 @@ import json
 import sys
 
 from .config import ConfigError, JambaConfig, config_names
+from .convert.cli import add_convert_parser
 from .convert.hf_checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, PermissionError, ValueError)
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KV-cache and conv-state dtype (the ssm state is always float32)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=cmd_info)
+    add_convert_parser(sub)
     return parser
 
 
