@@ -17,7 +17,8 @@ from .convert.hf_checkpoint import CheckpointError, load_hf_params
 from .convert.manifest import is_converted
 from .convert.placement import leaf_shardings
 from .model import JambaLM, abstract_params
-from .quant import MOE_IMPLS, check_quantize, quantize_params
+from .quant import MOE_IMPLS, check_quantize, is_quantized_path, quantize_params
+from .quant import quantize as quantize_leaf
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -34,6 +35,7 @@ class Jamba:
     params: Any
     tokenizer: Any = None
     scan_impl: str = "associative"
+    checkpoint_dir: Path | None = None  # where generation_config.json and the chat template are read
     moe_impl: str = "xla"
     quantize: str | None = None
 
@@ -65,8 +67,8 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
     file or key.
 
     ``quantize="experts-int8"`` stores every MoE expert and dense MLP weight as int8 with fp32 per-output-
-    channel scales (``quant.quantize_params``), one leaf at a time after loading. ``moe_impl`` is stored on
-    the ``Jamba``."""
+    channel scales (``quant.quantize_params``); from an HF checkpoint each such leaf is quantized as soon as
+    it is placed, so the float weights never all exist at once. ``moe_impl`` is stored on the ``Jamba``."""
     check_quantize(quantize)
     if moe_impl not in MOE_IMPLS:
         raise ValueError(f"unknown moe_impl {moe_impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
@@ -78,7 +80,7 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
 
         config, params = restore_params(path, dtype=dtype, mesh=mesh, shardings=shardings)
         params = quantize_params(params, config, quantize)
-        return Jamba(config, params, _load_tokenizer(path), scan_impl, moe_impl, quantize)
+        return Jamba(config, params, _load_tokenizer(path), scan_impl, path, moe_impl, quantize)
     config = JambaConfig.from_json(path / "config.json")
     dtype = jnp.dtype(dtype if dtype is not None else config.dtype)
     place = None
@@ -86,8 +88,22 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
         placement = leaf_shardings(traverse_util.flatten_dict(abstract_params(config, dtype)), mesh=mesh,
                                    shardings=shardings)
         place = lambda leaf_path, leaf: jax.device_put(leaf, placement[leaf_path])  # noqa: E731
-    params = quantize_params(load_hf_params(path, config, dtype, place=place), config, quantize)
-    return Jamba(config, params, _load_tokenizer(path), scan_impl, moe_impl, quantize)
+    if quantize is not None:
+        place = _quantizing(place)
+    params = load_hf_params(path, config, dtype, place=place)
+    params = quantize_params(params, config, quantize)  # checks every feed-forward weight was quantized
+    return Jamba(config, params, _load_tokenizer(path), scan_impl, path, moe_impl, quantize)
+
+
+def _quantizing(place):
+    """The loader's ``place`` hook, followed by ExpertsInt8 quantization of the feed-forward leaves."""
+    place = place or (lambda leaf_path, leaf: jnp.asarray(leaf))
+
+    def place_and_quantize(leaf_path, leaf):
+        stored = place(leaf_path, leaf)
+        return quantize_leaf(stored) if is_quantized_path(leaf_path) else stored
+
+    return place_and_quantize
 
 
 def _load_tokenizer(path: Path):
