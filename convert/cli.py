@@ -16,6 +16,8 @@ def _size(text: str) -> int:
 
 def cmd_convert(args) -> int:
     if args.to_hf:
+        if args.quantize is not None:
+            raise ValueError("--quantize applies to HF -> converted only, not --to-hf")
         from .to_hf import orbax_to_hf
 
         out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
@@ -23,7 +25,7 @@ def cmd_convert(args) -> int:
     else:
         from .orbax_checkpoint import hf_to_orbax
 
-        out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quantize=args.quantize)
     print(f"wrote {out}")
     return 0
 
@@ -40,6 +42,9 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--to-hf", action="store_true", help="convert a converted checkpoint back to HF safetensors")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="stored dtype (default: the source's)")
+    p.add_argument("--quantize", choices=["experts-int8"], default=None,
+                   help="store MoE expert and dense MLP weights as int8 + fp32 per-output-channel scales "
+                        "(ExpertsInt8); load() restores them quantized")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="with --to-hf: largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..quant import QUANTIZE_MODES
 from .hf_checkpoint import CheckpointError
 
 MANIFEST_FILE = "manifest.json"
@@ -41,18 +42,25 @@ def is_converted(directory: str | Path) -> bool:
 
 
 def build_manifest(*, dtype: np.dtype, source_files: list[Path], params: dict[tuple, tuple[int, ...]],
-                   aux_files: list[str]) -> dict[str, Any]:
+                   aux_files: list[str], quantization: str | None = None,
+                   param_dtypes: dict[tuple, np.dtype] | None = None) -> dict[str, Any]:
+    """``param_dtypes`` records the stored dtype of the leaves not stored in ``dtype`` (the int8 weights
+    and fp32 scales of a quantized checkpoint)."""
     import jamba_jax  # not at import time: this module is imported while jamba_jax initialises
+
+    param_dtypes = param_dtypes or {}
 
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "jamba_jax_version": jamba_jax.__version__,
         "dtype": np.dtype(dtype).name,
-        "quantization": None,
+        "quantization": quantization,
         "source": {"format": "hf_safetensors",
                    "files": [{"name": f.name, "bytes": f.stat().st_size} for f in source_files]},
-        "params": {leaf_key(p): {"shape": list(shape), "dir": leaf_dir(p)} for p, shape in params.items()},
+        "params": {leaf_key(p): {"shape": list(shape), "dir": leaf_dir(p),
+                                 **({"dtype": np.dtype(param_dtypes[p]).name} if p in param_dtypes else {})}
+                   for p, shape in params.items()},
         "aux_files": aux_files,
     }
 
@@ -72,7 +80,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{file}: format_version {version!r} is not supported (this jamba_jax reads "
                               f"up to {FORMAT_VERSION}); upgrade jamba_jax")
-    if manifest.get("quantization") is not None:
+    if manifest.get("quantization") is not None and manifest["quantization"] not in QUANTIZE_MODES:
         raise CheckpointError(f"{file}: quantization {manifest['quantization']!r} is not supported")
     for field in ("dtype", "params"):
         if field not in manifest:

@@ -7,6 +7,10 @@ A converted directory holds::
     tokenizer.json, ...            copied from the source (see ``manifest.AUX_FILES``)
     params/blocks.layer_0.mamba.A_log/   an Orbax PyTree checkpoint {"value": leaf} per param leaf
 
+Quantized (``jamba convert --quantize experts-int8``, manifest ``"quantization": "experts-int8"``): each
+feed-forward weight is stored as two leaves, ``<path>.q`` (int8, the weight's shape) and ``<path>.scale``
+(fp32, the contraction axis dropped), and restored as a ``quant.QuantizedWeight``.
+
 Each leaf is its own Orbax checkpoint so that the converter writes, and the loader restores, one leaf
 at a time: host memory peaks near the largest leaf (e.g. a stacked expert kernel
 ``[num_blocks, experts, hidden, intermediate]``), not the model. A leaf is stored as an uncompressed
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..config import JambaConfig
 from ..model import abstract_params
+from ..quant import QuantizedWeight, check_quantize, is_quantized_path, quantize, quantized_sharding
 from .atomic_dir import atomic_output_dir, check_distinct
 from .hf_checkpoint import CheckpointError, iter_hf_leaves, open_hf_checkpoint
 from .manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, build_manifest, check_params, copy_aux_files,
@@ -150,13 +155,43 @@ class LeafReader:
         return np.asarray(value, dtype)
 
 
+def stored_leaves(abstract: dict[tuple, jax.ShapeDtypeStruct], quantization: str | None
+                  ) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """The leaves a converted checkpoint stores for the flattened float params ``abstract``: the same,
+    except that with ``quantization`` each feed-forward weight ``path`` becomes ``path + ("q",)`` (int8)
+    and ``path + ("scale",)`` (fp32, the contraction axis dropped)."""
+    out = {}
+    for path, sds in abstract.items():
+        if quantization is not None and is_quantized_path(path):
+            out[path + ("q",)] = jax.ShapeDtypeStruct(sds.shape, jnp.int8)
+            out[path + ("scale",)] = jax.ShapeDtypeStruct(sds.shape[:-2] + sds.shape[-1:], jnp.float32)
+        else:
+            out[path] = sds
+    return out
+
+
+def quantize_leaf(leaf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ExpertsInt8 of a numpy weight ``[..., in, out]``: (q int8, scale fp32), by ``quant.quantize`` one
+    ``[in, out]`` matrix at a time, so the extra memory is the int8 leaf plus one matrix. The same values
+    as ``load(..., quantize="experts-int8")`` gives for the weight in the same dtype."""
+    q = np.empty(leaf.shape, np.int8)
+    scale = np.empty(leaf.shape[:-2] + leaf.shape[-1:], np.float32)
+    for index in np.ndindex(*leaf.shape[:-2]):
+        w = quantize(jnp.asarray(leaf[index]))
+        q[index], scale[index] = np.asarray(w.q), np.asarray(w.scale)
+    return q, scale
+
+
 def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = False,
-                progress: bool = True) -> Path:
+                progress: bool = True, quantize: str | None = None) -> Path:
     """Converts the HF checkpoint directory ``src`` into a converted checkpoint at ``dst``.
 
-    ``dtype`` (default: the checkpoint's) is the stored dtype. Every key and shape is checked before
-    anything is written; the output appears at ``dst`` only when complete. Raises ``CheckpointError``
-    / ``ConfigError`` naming the file or key."""
+    ``dtype`` (default: the checkpoint's) is the stored dtype. ``quantize="experts-int8"`` stores every
+    MoE expert and dense MLP weight as int8 + fp32 scales (quantized from the weight in ``dtype``) and
+    records it in the manifest. Every key and shape is checked before anything is written; the output
+    appears at ``dst`` only when complete. Raises ``CheckpointError`` / ``ConfigError`` naming the file
+    or key."""
+    check_quantize(quantize)
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory; expected an HF checkpoint directory")
@@ -182,12 +217,22 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool
                 bar.update(nbytes)
 
             for path, leaf in iter_hf_leaves(ckpt, np_dtype, tick):
-                writer.write(tmp / leaf_dir(path), leaf)
-                del leaf
+                if quantize is not None and is_quantized_path(path):
+                    q, scale = quantize_leaf(leaf)
+                    del leaf
+                    writer.write(tmp / leaf_dir(path + ("q",)), q)
+                    writer.write(tmp / leaf_dir(path + ("scale",)), scale)
+                    del q, scale
+                else:
+                    writer.write(tmp / leaf_dir(path), leaf)
+                    del leaf
         write_config(src, tmp, np_dtype)
         aux = copy_aux_files(src, tmp)
+        floats = {p: jax.ShapeDtypeStruct(shape, np_dtype) for p, (shape, _) in ckpt.leaves.items()}
+        stored = stored_leaves(floats, quantize)
         manifest = build_manifest(dtype=np_dtype, source_files=ckpt.source_files, aux_files=aux,
-                                  params={p: shape for p, (shape, _) in ckpt.leaves.items()})
+                                  params={p: s.shape for p, s in stored.items()}, quantization=quantize,
+                                  param_dtypes={p: s.dtype for p, s in stored.items() if s.dtype != np_dtype})
         _write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete checkpoint
     return dst
 
@@ -198,25 +243,38 @@ def restore_params(directory: str | Path, *, dtype=None, mesh: Mesh | None = Non
     ``shardings`` each leaf is restored straight into its sharding (see ``placement.leaf_shardings``):
     every device reads only its shard, so no host holds the model.
 
-    ``dtype`` defaults to the stored dtype; other dtypes are cast while reading."""
+    ``dtype`` defaults to the stored dtype; other dtypes are cast while reading. A quantized checkpoint
+    (manifest ``quantization``) gives ``quant.QuantizedWeight`` feed-forward weights (int8 + fp32 scales,
+    whatever ``dtype``), each scale sharded like its weight minus the contraction axis."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = JambaConfig.from_json(directory / CONFIG_FILE)
     dtype = jnp.dtype(dtype if dtype is not None else manifest["dtype"])
     abstract = traverse_util.flatten_dict(abstract_params(config, dtype))
-    check_params(directory, manifest, {p: s.shape for p, s in abstract.items()})
+    quantization = manifest.get("quantization")
+    check_params(directory, manifest, {p: s.shape for p, s in stored_leaves(abstract, quantization).items()})
     reader = LeafReader()
+    placement = None
+    if mesh is not None or shardings is not None:
+        placement = leaf_shardings(abstract, mesh=mesh, shardings=shardings)
+
+    def read(path, sds, sharding):
+        if placement is None:
+            # Like the HF loader: uncommitted arrays on the default device (jit treats committed ones as
+            # a different signature, so the two loaders would not share compilations).
+            return jnp.asarray(reader.read_numpy(directory / leaf_dir(path), sds.dtype))
+        return reader.read(directory / leaf_dir(path), jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
+
     params = {}
-    if mesh is None and shardings is None:
-        # Like the HF loader: uncommitted arrays on the default device (jit treats committed ones as
-        # a different signature, so the two loaders would not share compilations).
-        for path in abstract:
-            params[path] = jnp.asarray(reader.read_numpy(directory / leaf_dir(path), dtype))
-        return config, traverse_util.unflatten_dict(params)
-    placement = leaf_shardings(abstract, mesh=mesh, shardings=shardings)
     for path, sds in abstract.items():
-        target = jax.ShapeDtypeStruct(sds.shape, dtype, sharding=placement[path])
-        params[path] = reader.read(directory / leaf_dir(path), target)
+        sharding = None if placement is None else placement[path]
+        if quantization is not None and is_quantized_path(path):
+            parts = stored_leaves({path: sds}, quantization)
+            where = quantized_sharding(sharding, sds.ndim) if sharding is not None else QuantizedWeight(None, None)
+            params[path] = QuantizedWeight(read(path + ("q",), parts[path + ("q",)], where.q),
+                                           read(path + ("scale",), parts[path + ("scale",)], where.scale))
+        else:
+            params[path] = read(path, sds, sharding)
     return config, traverse_util.unflatten_dict(params)
 
 

@@ -56,6 +56,9 @@ def orbax_to_hf(src: str | Path, dst: str | Path, *, dtype=None, max_shard_bytes
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory; expected a converted checkpoint directory")
     manifest = read_manifest(src)
+    if manifest.get("quantization") is not None:
+        raise CheckpointError(f"{src}: a {manifest['quantization']} checkpoint (int8 feed-forward weights) cannot be "
+                              "written as HF safetensors; convert the HF source again without --quantize")
     config = JambaConfig.from_json(src / CONFIG_FILE)
     np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else manifest["dtype"]))
     shapes = {p: s.shape for p, s in traverse_util.flatten_dict(abstract_params(config)).items()}

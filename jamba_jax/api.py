@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from .config import ConfigError, JambaConfig
 from .convert.hf_checkpoint import CheckpointError, load_hf_params
-from .convert.manifest import is_converted
+from .convert.manifest import is_converted, read_manifest
 from .convert.placement import leaf_shardings
 from .model import JambaLM, abstract_params
 from .quant import MOE_IMPLS, check_quantize, is_quantized_path, quantize_params
@@ -68,7 +68,9 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
 
     ``quantize="experts-int8"`` stores every MoE expert and dense MLP weight as int8 with fp32 per-output-
     channel scales (``quant.quantize_params``); from an HF checkpoint each such leaf is quantized as soon as
-    it is placed, so the float weights never all exist at once. ``moe_impl`` is stored on the ``Jamba``."""
+    it is placed, so the float weights never all exist at once. A checkpoint written by ``jamba convert
+    --quantize experts-int8`` is restored quantized whatever ``quantize``. ``moe_impl`` is stored on the
+    ``Jamba``."""
     check_quantize(quantize)
     if moe_impl not in MOE_IMPLS:
         raise ValueError(f"unknown moe_impl {moe_impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
@@ -79,6 +81,7 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
         from .convert.orbax_checkpoint import restore_params  # imports Orbax: only when needed
 
         config, params = restore_params(path, dtype=dtype, mesh=mesh, shardings=shardings)
+        quantize = quantize or read_manifest(path)["quantization"]  # a quantized checkpoint stays quantized
         params = quantize_params(params, config, quantize)
         return Jamba(config, params, _load_tokenizer(path), scan_impl, path, moe_impl, quantize)
     config = JambaConfig.from_json(path / "config.json")

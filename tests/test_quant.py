@@ -1,6 +1,7 @@
 """ExpertsInt8: quantized feed-forward weights, the int8 kernel inside the MoE, accuracy against bf16, load()."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -176,31 +177,61 @@ def test_int8_logit_error_at_most_twice_bf16():
     assert np.mean(rms["int8"]) <= 2 * np.mean(rms["bf16"]), rms
 
 
-def test_load_quantize(tmp_path):
-    from hf_reference import make_checkpoint
-
-    make_checkpoint(tmp_path, seed=0, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                    attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
-                    mamba_d_state=4, mamba_d_conv=4, mamba_expand=2)
-    plain = jamba_jax.load(tmp_path, dtype="bfloat16")
-    model = jamba_jax.load(tmp_path, dtype="bfloat16", quantize="experts-int8", moe_impl="pallas")
-    assert model.quantize == "experts-int8" and model.moe_impl == "pallas" and plain.quantize is None
-    assert model.dtype == jnp.bfloat16
-    expected = traverse_util.flatten_dict(quantize_params(plain.params, plain.config))
-    got = traverse_util.flatten_dict(model.params)
+def assert_same_params(got, expected):
+    """Same tree, same leaf types, bitwise-equal arrays."""
+    got, expected = traverse_util.flatten_dict(got), traverse_util.flatten_dict(expected)
     assert set(got) == set(expected)
-    quantized = 0
     for path, leaf in got.items():
         assert type(leaf) is type(expected[path]), path
         for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(expected[path])):
-            assert a.dtype == b.dtype
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        quantized += isinstance(leaf, QuantizedWeight)
+            assert a.dtype == b.dtype, path
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(path))
+
+
+def test_load_and_convert_quantize(tmp_path):
+    from hf_reference import make_checkpoint
+
+    hf = tmp_path / "hf"
+    make_checkpoint(hf, seed=0, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                    attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
+                    mamba_d_state=4, mamba_d_conv=4, mamba_expand=2)
+    plain = jamba_jax.load(hf, dtype="bfloat16")
+    model = jamba_jax.load(hf, dtype="bfloat16", quantize="experts-int8", moe_impl="pallas")
+    assert model.quantize == "experts-int8" and model.moe_impl == "pallas" and plain.quantize is None
+    assert model.dtype == jnp.bfloat16
+    assert_same_params(model.params, quantize_params(plain.params, plain.config))
+    quantized = sum(isinstance(leaf, QuantizedWeight) for leaf in traverse_util.flatten_dict(model.params).values())
     assert quantized == 9  # two MoE layers (one stacked, one tail) and a dense MLP, 3 projections each
     with pytest.raises(ValueError, match="unknown quantize='int4'.*experts-int8"):
-        jamba_jax.load(tmp_path, quantize="int4")
+        jamba_jax.load(hf, quantize="int4")
     with pytest.raises(ValueError, match="moe_impl"):
-        jamba_jax.load(tmp_path, moe_impl="cuda")
+        jamba_jax.load(hf, moe_impl="cuda")
     with pytest.raises(ValueError, match="moe_impl"):
         model.replace(moe_impl="cuda")
+
+    # `jamba convert --quantize experts-int8`: int8 + scales in the Orbax checkpoint, restored as they are.
+    from jamba_jax.cli import main
+
+    out = tmp_path / "converted"
+    assert main(["convert", str(hf), str(out), "--dtype", "bfloat16", "--quantize", "experts-int8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"] == "experts-int8" and manifest["dtype"] == "bfloat16"
+    entry = manifest["params"]["blocks/layer_0/feed_forward/experts/gate_proj/scale"]
+    assert entry["dtype"] == "float32" and entry["shape"] == [1, 4, 48]
+    assert manifest["params"]["tail/layer_0/feed_forward/experts/down_proj/q"]["dtype"] == "int8"
+    assert "blocks/layer_0/feed_forward/experts/gate_proj" not in manifest["params"]
+    restored = jamba_jax.load(out)  # no quantize= needed: the checkpoint is quantized
+    assert restored.quantize == "experts-int8" and restored.dtype == jnp.bfloat16
+    assert_same_params(restored.params, model.params)
+    # onto a mesh: each scale sharded like its weight minus the contraction axis
+    mesh = jax.make_mesh((1,), ("experts",))
+    experts = NamedSharding(mesh, PartitionSpec(None, "experts", None, None))
+    sharded = jamba_jax.load(out, mesh=mesh, shardings=lambda path, sds: experts if len(sds.shape) == 4 else None)
+    gate = sharded.params["blocks"]["layer_0"]["feed_forward"]["experts"]["gate_proj"]
+    assert gate.q.sharding.spec == experts.spec and gate.scale.sharding.spec == PartitionSpec(None, "experts", None)
+    assert_same_params(sharded.params, model.params)
+    # int8 weights cannot go back to HF safetensors
+    assert main(["convert", "--to-hf", str(out), str(tmp_path / "back")]) == 2
+    assert main(["convert", "--to-hf", str(out), str(tmp_path / "back"), "--quantize", "experts-int8"]) == 2
+    assert not (tmp_path / "back").exists()
