@@ -46,6 +46,95 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .api import load
+    from .generate import generate
+
+    if args.checkpoint is None:
+        from .demo import DEMO_DIR
+
+        args.checkpoint = DEMO_DIR
+    model = load(args.checkpoint, dtype=args.dtype)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.checkpoint}: no tokenizer.json; `jamba generate` needs one to read the prompt")
+    stream = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None, stream=True)
+    printed, tokens = "", []
+    try:
+        while True:
+            token = next(stream)[0]
+            if token is None:
+                continue
+            tokens.append(token)
+            text = model.tokenizer.decode(tokens)
+            if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 character
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+    except StopIteration as done:
+        result = done.value
+    final = result.text[0]
+    print(final[len(printed):] if final.startswith(printed) else "", flush=True)
+    print(f"[{len(result.tokens[0])} tokens; prefill {result.prefill_seconds:.2f} s "
+          f"({result.prefill_tokens_per_second:,.0f} tok/s); decode {result.decode_tokens_per_second:,.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    """``jamba train``: trains a config on a text file or directory into an HF checkpoint directory."""
+    train = sub.add_parser("train", help="train a model on text (AdamW; LM + router aux + activation loss)")
+    train.add_argument("--config", required=True,
+                       help=f"bundled name ({', '.join(config_names())}), config.json, or checkpoint dir")
+    train.add_argument("--data", required=True, help="a text file, or a directory of .txt/.md/.rst files")
+    train.add_argument("--out", required=True, help="output directory: HF checkpoint + train_state/ (resumed)")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--batch", type=int, default=8)
+    train.add_argument("--seq", type=int, default=256)
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup, then cosine)")
+    train.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final / peak learning rate")
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
+    train.add_argument("--alpha", type=float, default=0.0, help="activation-loss weight (0 = off; paper: 1e-5)")
+    train.add_argument("--aux-coef", type=float, default=None, help="router aux-loss weight (default: config's)")
+    train.add_argument("--remat", action="store_true", help="gradient checkpointing per block")
+    train.add_argument("--scan-impl", default="associative", choices=["associative", "sequential"],
+                       help="selective scan (sequential is faster for training on CPU)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train a byte-level BPE)")
+    train.add_argument("--vocab-size", type=int, default=None, help="BPE vocab size (default: the config's)")
+    train.add_argument("--eval-fraction", type=float, default=0.05, help="held-out tail of the token stream")
+    train.add_argument("--save-every", type=int, default=200, help="train-state checkpoint interval (steps)")
+    train.add_argument("--keep", type=int, default=3, help="train-state checkpoints kept")
+    train.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16"],
+                       help="dtype of model.safetensors (default float32)")
+    train.add_argument("--data-parallel", action="store_true", help="shard batches over all local devices")
+
+    def run(args) -> int:
+        from .train import TrainConfig, data_mesh, train as train_model
+
+        if min(args.steps, args.batch, args.seq - 1, args.save_every, args.keep) < 1:
+            raise ValueError("--steps, --batch, --save-every and --keep must be positive and --seq at least 2")
+        mesh = data_mesh() if args.data_parallel else None
+        tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
+                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.clip,
+                         alpha=args.alpha, aux_loss_coef=args.aux_coef, remat=args.remat,
+                         scan_impl=args.scan_impl)
+        summary = train_model(JambaConfig.named(args.config), args.data, args.out, tc, batch=args.batch,
+                              seq=args.seq, seed=args.seed, tokenizer_file=args.tokenizer,
+                              vocab_size=args.vocab_size, save_every=args.save_every, keep=args.keep,
+                              eval_fraction=args.eval_fraction, save_dtype=args.save_dtype, mesh=mesh,
+                              log=lambda m: print(m, file=sys.stderr))
+        held = summary["held_out"]
+        loss = summary["final_train_loss"]
+        print((f"final train loss {loss:.4f}; " if loss is not None else "")
+              + (f"held-out loss {held['lm_loss']:.4f}; " if held else "")
+              + f"{summary['tokens_per_second'] or 0:,.0f} tokens/s; checkpoint in {args.out}")
+        return 0
+
+    train.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jamba", description="Jamba-1.5 models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=cmd_info)
     add_convert_parser(sub)
+    add_train_parser(sub)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    gen.add_argument("--checkpoint", default=None,
+                     help="HF or converted checkpoint directory with tokenizer.json (default: the bundled demo model)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--dtype", default=None, help="compute/param dtype (default: the checkpoint's)")
+    gen.set_defaults(run=cmd_generate)
     return parser
 
 

@@ -40,13 +40,16 @@ class DecoderLayer(nn.Module):
             h, cache = Attention(cfg, self.dtype, name="self_attn")(h, token_valid, cache, pos, kv_valid)
         else:
             h, cache = Mamba(cfg, self.dtype, self.scan_impl, name="mamba")(h, token_valid, cache)
+        self.sow("intermediates", f"{self.mixer}_out", h)  # "mamba_out" / "attention_out", for training losses
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="pre_ff_layernorm")(x)
         if self.moe:
             ffn = MoE(cfg, self.dtype, self.moe_impl, name="feed_forward")
         else:
             ffn = MLP(cfg, self.dtype, name="feed_forward")
-        return x + ffn(h), cache
+        h = ffn(h)
+        self.sow("intermediates", "ffn_out", h)
+        return x + h, cache
 
 
 class Block(nn.Module):
@@ -79,12 +82,18 @@ class JambaLM(nn.Module):
     grouped matmul of int8 expert weights (``quant.MOE_IMPLS``; float weights always use ``ragged_dot``).
 
     With ``cache`` (see ``jamba_jax.cache``) the tokens continue the cached sequences at slot
-    ``cache["pos"]`` and ``(logits, new_cache)`` is returned."""
+    ``cache["pos"]`` and ``(logits, new_cache)`` is returned.
+
+    With ``mutable=["intermediates"]`` the layers also return (``self.sow``) each mixer's output
+    (``mamba_out`` / ``attention_out``), each feed-forward's output (``ffn_out``) and each MoE's
+    ``router_logits``; under ``blocks`` they are stacked over the block axis. ``remat`` recomputes each
+    block's activations in the backward pass (gradient checkpointing)."""
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
     scan_impl: str = "associative"
     moe_impl: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, token_valid=None, cache=None, last_only: bool = False):
@@ -102,7 +111,8 @@ class JambaLM(nn.Module):
             new_cache = {"pos": pos + input_ids.shape[1], "valid": kv_valid}
         period = cfg.block_size
         if cfg.num_blocks:
-            blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+            block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+            blocks = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.num_blocks)
             scanned = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, self.moe_impl, name="blocks")
             x, entries = scanned(x, token_valid, None if cache is None else cache["blocks"], pos, kv_valid)
@@ -110,7 +120,8 @@ class JambaLM(nn.Module):
                 new_cache["blocks"] = entries
         if cfg.num_tail_layers:
             layers = tuple(range(cfg.num_tail_layers))
-            tail = Block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, name="tail")
+            block = nn.remat(Block) if self.remat else Block
+            tail = block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, name="tail")
             x, entries = tail(x, token_valid, None if cache is None else cache["tail"], pos, kv_valid)
             if cache is not None:
                 new_cache["tail"] = entries

@@ -79,6 +79,7 @@ class MoE(nn.Module):
         E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         flat = x.reshape(-1, H)
         logits = Linear(E, dtype=self.dtype, name="router")(flat)
+        self.sow("intermediates", "router_logits", logits)  # [tokens, experts], for the aux loss
         weights, expert_ids = route(logits, cfg.num_experts_per_tok)
         experts = Experts(E, H, inter, self.dtype, name="experts")
         out = experts_ffn(flat, expert_ids, weights.astype(self.dtype), *experts(), self.moe_impl)
