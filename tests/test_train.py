@@ -119,6 +119,8 @@ def test_gradients_match_torch_autograd(case):
 def test_activation_loss_adds_alpha_mean_square(case):
     ours, batch, tc, ref, (base, m, _) = case
     assert abs(float(m["activation_loss"]) - ref["act_sq"]) < 1e-5 * ref["act_sq"]
+    if tc.scan_impl != "sequential":
+        return  # one config compiles the alpha > 0 loss: the term does not depend on the scan
     alpha = 0.01
     loss, m = jax.jit(lambda p: compute_loss(p, batch, config=ours.config,
                                              tc=dataclasses.replace(tc, alpha=alpha)))(ours.params)
