@@ -63,6 +63,9 @@ CONFIGS = [
     ("segmented", 32, 8, 1, 32),
     ("segmented", 32, 8, 1, 64),
     ("segmented", 32, 8, 1, None),
+    ("segmented", 32, 16, 1, None),
+    ("segmented", 32, 4, 1, None),
+    ("segmented", 64, 8, 2, None),
 ]
 TOP_K = 3  # configs carried from the shortest length to the longer ones (plus each variant's best)
 REL_TOL = 1e-4  # correctness threshold (f32 vs f32 on GPU; CPU tests use 1e-5)

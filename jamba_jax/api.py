@@ -16,11 +16,34 @@ from .config import ConfigError, JambaConfig
 from .convert.hf_checkpoint import CheckpointError, load_hf_params
 from .convert.manifest import is_converted, read_manifest
 from .convert.placement import leaf_shardings
+from .attention import ATTENTION_IMPLS
 from .model import JambaLM, abstract_params
 from .quant import MOE_IMPLS, check_quantize, is_quantized_path, quantize_params
 from .quant import quantize as quantize_leaf
+from .scan import SCAN_IMPLS
 
 TOKENIZER_FILE = "tokenizer.json"
+# One flag for every kernel: the (scan_impl, moe_impl, attn_impl) each value selects.
+KERNELS = {"xla": ("associative", "xla", "xla"), "pallas": ("pallas", "pallas", "pallas"),
+           "pallas-interpret": ("pallas-interpret", "pallas-interpret", "pallas-interpret")}
+
+
+def _check_impls(scan_impl, moe_impl, attn_impl):
+    for what, value, known in (("scan_impl", scan_impl, SCAN_IMPLS), ("moe_impl", moe_impl, MOE_IMPLS),
+                               ("attn_impl", attn_impl, ATTENTION_IMPLS)):
+        if value not in known:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, known))}")
+
+
+def kernel_impls(kernels: str = "xla", *, scan_impl=None, moe_impl=None, attn_impl=None) -> dict:
+    """``{"scan_impl", "moe_impl", "attn_impl"}`` selected by ``kernels`` (a key of ``KERNELS``:
+    ``"pallas"`` runs every Pallas kernel on GPU and the XLA paths elsewhere), each overridden when given."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(map(repr, KERNELS))}")
+    chosen = [given if given is not None else default
+              for given, default in zip((scan_impl, moe_impl, attn_impl), KERNELS[kernels])]
+    _check_impls(*chosen)
+    return dict(zip(("scan_impl", "moe_impl", "attn_impl"), chosen))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +51,8 @@ class Jamba:
     """A loaded model: its config, its params (a plain pytree in ``dtype``) and, when the checkpoint
     has one, its ``tokenizers.Tokenizer``. ``scan_impl`` picks the Mamba selective-scan implementation,
     ``moe_impl`` the grouped matmul of int8 expert weights (``"xla"``, ``"pallas"``: the Pallas kernel on
-    GPU, else XLA; ``"pallas-interpret"``). ``quantize`` (``"experts-int8"`` or None) records that the
+    GPU, else XLA; ``"pallas-interpret"``), ``attn_impl`` the attention (``attention.ATTENTION_IMPLS``);
+    ``with_kernels("pallas")`` sets all three. ``quantize`` (``"experts-int8"`` or None) records that the
     feed-forward weights in ``params`` are ``quant.QuantizedWeight``s."""
 
     config: JambaConfig
@@ -38,11 +62,15 @@ class Jamba:
     checkpoint_dir: Path | None = None  # where generation_config.json and the chat template are read
     moe_impl: str = "xla"
     quantize: str | None = None
+    attn_impl: str = "xla"
 
     def __post_init__(self):
         check_quantize(self.quantize)
-        if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"unknown moe_impl {self.moe_impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
+        _check_impls(self.scan_impl, self.moe_impl, self.attn_impl)
+
+    def with_kernels(self, kernels: str) -> "Jamba":
+        """This model with every implementation selected by ``kernels`` (see ``kernel_impls``)."""
+        return self.replace(**kernel_impls(kernels))
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -53,8 +81,9 @@ class Jamba:
         return dataclasses.replace(self, **changes)
 
 
-def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=None, shardings=None,
-         quantize: str | None = None, moe_impl: str = "xla") -> Jamba:
+def load(path: str | Path, *, dtype=None, scan_impl: str | None = None, mesh=None, shardings=None,
+         quantize: str | None = None, moe_impl: str | None = None, attn_impl: str | None = None,
+         kernels: str = "xla") -> Jamba:
     """Loads a Jamba checkpoint directory: an HF one (``config.json`` + safetensors, single or
     sharded) or one written by ``jamba convert`` (detected by its ``manifest.json``).
 
@@ -69,11 +98,11 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
     ``quantize="experts-int8"`` stores every MoE expert and dense MLP weight as int8 with fp32 per-output-
     channel scales (``quant.quantize_params``); from an HF checkpoint each such leaf is quantized as soon as
     it is placed, so the float weights never all exist at once. A checkpoint written by ``jamba convert
-    --quantize experts-int8`` is restored quantized whatever ``quantize``. ``moe_impl`` is stored on the
-    ``Jamba``."""
+    --quantize experts-int8`` is restored quantized whatever ``quantize``. ``kernels`` (``"xla"`` or
+    ``"pallas"``) selects ``scan_impl``, ``moe_impl`` and ``attn_impl`` together; each given one overrides
+    it (``kernel_impls``). They are stored on the ``Jamba``."""
     check_quantize(quantize)
-    if moe_impl not in MOE_IMPLS:
-        raise ValueError(f"unknown moe_impl {moe_impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
+    impls = kernel_impls(kernels, scan_impl=scan_impl, moe_impl=moe_impl, attn_impl=attn_impl)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; expected an HF checkpoint directory")
@@ -83,7 +112,7 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
         config, params = restore_params(path, dtype=dtype, mesh=mesh, shardings=shardings)
         quantize = quantize or read_manifest(path)["quantization"]  # a quantized checkpoint stays quantized
         params = quantize_params(params, config, quantize)
-        return Jamba(config, params, _load_tokenizer(path), scan_impl, path, moe_impl, quantize)
+        return Jamba(config, params, _load_tokenizer(path), checkpoint_dir=path, quantize=quantize, **impls)
     config = JambaConfig.from_json(path / "config.json")
     dtype = jnp.dtype(dtype if dtype is not None else config.dtype)
     place = None
@@ -95,7 +124,7 @@ def load(path: str | Path, *, dtype=None, scan_impl: str = "associative", mesh=N
         place = _quantizing(place)
     params = load_hf_params(path, config, dtype, place=place)
     params = quantize_params(params, config, quantize)  # checks every feed-forward weight was quantized
-    return Jamba(config, params, _load_tokenizer(path), scan_impl, path, moe_impl, quantize)
+    return Jamba(config, params, _load_tokenizer(path), checkpoint_dir=path, quantize=quantize, **impls)
 
 
 def _quantizing(place):
@@ -121,9 +150,10 @@ def _load_tokenizer(path: Path):
         raise CheckpointError(f"{file}: unreadable tokenizer ({e})") from None
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "scan_impl", "moe_impl"))
-def _forward(params, input_ids, token_valid, *, config, dtype, scan_impl, moe_impl="xla"):
-    return JambaLM(config, dtype, scan_impl, moe_impl).apply({"params": params}, input_ids, token_valid)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "scan_impl", "moe_impl", "attn_impl"))
+def _forward(params, input_ids, token_valid, *, config, dtype, scan_impl, moe_impl="xla", attn_impl="xla"):
+    model = JambaLM(config, dtype, scan_impl, moe_impl, attn_impl=attn_impl)
+    return model.apply({"params": params}, input_ids, token_valid)
 
 
 def forward(model: Jamba, input_ids, attention_mask=None) -> jax.Array:
@@ -140,7 +170,7 @@ def forward(model: Jamba, input_ids, attention_mask=None) -> jax.Array:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
     return _forward(model.params, input_ids, attention_mask, config=model.config,
-                    dtype=np.dtype(model.dtype), scan_impl=model.scan_impl, moe_impl=model.moe_impl)
+                    dtype=np.dtype(model.dtype), scan_impl=model.scan_impl, moe_impl=model.moe_impl, attn_impl=model.attn_impl)
 
 
-__all__ = ["Jamba", "load", "forward", "ConfigError", "CheckpointError"]
+__all__ = ["Jamba", "load", "forward", "kernel_impls", "KERNELS", "ConfigError", "CheckpointError"]

@@ -158,10 +158,12 @@ class Attention(nn.Module):
     Without ``cache`` it attends within ``x`` (causal + ``token_valid`` padding mask). With ``cache``
     (``{"key", "value"}: [batch, max_len, kv_heads, head_dim]``) it writes the new keys/values at slot
     ``pos``, attends over the cache under ``kv_valid [batch, max_len]`` and returns the updated cache too.
+    ``impl`` is ``attend``'s.
     """
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
@@ -176,12 +178,12 @@ class Attention(nn.Module):
         k = k.reshape(batch, seq, n_kv, hd)
         v = v.reshape(batch, seq, n_kv, hd)
         if cache is None:
-            out = attend(q, k, v, 0, token_valid)
+            out = attend(q, k, v, 0, token_valid, impl=self.impl)
         else:
             start = (0, pos, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
             cache = {"key": k, "value": v}
-            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), pos, kv_valid)
+            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), pos, kv_valid, impl=self.impl)
         out = Linear(cfg.hidden_size, dtype=self.dtype, name="o_proj")(out.reshape(batch, seq, -1))
         return out, cache

@@ -54,7 +54,7 @@ def cmd_generate(args) -> int:
         from .demo import DEMO_DIR
 
         args.checkpoint = DEMO_DIR
-    model = load(args.checkpoint, dtype=args.dtype)
+    model = load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize)
     if model.tokenizer is None:
         raise ValueError(f"{args.checkpoint}: no tokenizer.json; `jamba generate` needs one to read the prompt")
     stream = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--dtype", default=None, help="compute/param dtype (default: the checkpoint's)")
+    gen.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
+                     help="pallas: the Pallas scan, attention and int8 MoE kernels on GPU (XLA elsewhere)")
+    gen.add_argument("--quantize", default=None, choices=["experts-int8"],
+                     help="int8 expert and MLP weights (ExpertsInt8), quantized at load")
     gen.set_defaults(run=cmd_generate)
     return parser
 

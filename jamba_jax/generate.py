@@ -59,10 +59,11 @@ class _Spec:
     top_k: int | None
     top_p: float | None
     moe_impl: str = "xla"
+    attn_impl: str = "xla"
 
     @property
     def model(self) -> JambaLM:
-        return JambaLM(self.config, self.dtype, self.scan_impl, self.moe_impl)
+        return JambaLM(self.config, self.dtype, self.scan_impl, self.moe_impl, attn_impl=self.attn_impl)
 
     def sample(self, logits, key):
         return sample(logits[:, -1], key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
@@ -179,7 +180,7 @@ def _spec(model: Jamba, temperature, top_k, top_p) -> _Spec:
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     return _Spec(model.config, np.dtype(model.dtype), model.scan_impl, float(temperature), top_k, top_p,
-                 model.moe_impl)
+                 model.moe_impl, model.attn_impl)
 
 
 def _truncate(tokens: Sequence[int], eos: tuple[int, ...]) -> list[int]:

@@ -31,13 +31,14 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     scan_impl: str = "associative"
     moe_impl: str = "xla"
+    attn_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         if self.mixer == ATTENTION:
-            h, cache = Attention(cfg, self.dtype, name="self_attn")(h, token_valid, cache, pos, kv_valid)
+            h, cache = Attention(cfg, self.dtype, self.attn_impl, name="self_attn")(h, token_valid, cache, pos, kv_valid)
         else:
             h, cache = Mamba(cfg, self.dtype, self.scan_impl, name="mamba")(h, token_valid, cache)
         self.sow("intermediates", f"{self.mixer}_out", h)  # "mamba_out" / "attention_out", for training losses
@@ -61,6 +62,7 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     scan_impl: str = "associative"
     moe_impl: str = "xla"
+    attn_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
@@ -68,7 +70,7 @@ class Block(nn.Module):
         for j in self.positions:
             name = f"layer_{j}"
             layer = DecoderLayer(self.config, self.config.mixer_type(j), self.config.is_moe(j), self.dtype,
-                                 self.scan_impl, self.moe_impl, name=name)
+                                 self.scan_impl, self.moe_impl, self.attn_impl, name=name)
             x, entry = layer(x, token_valid, None if cache is None else cache[name], pos, kv_valid)
             if cache is not None:
                 new_cache[name] = entry
@@ -79,7 +81,8 @@ class JambaLM(nn.Module):
     """``input_ids [batch, seq]`` int, ``token_valid [batch, seq]`` bool or None -> logits
     ``[batch, seq, vocab]`` in ``dtype`` (``[batch, 1, vocab]`` for the last position with
     ``last_only``). ``scan_impl`` picks the selective scan (``scan.SCAN_IMPLS``), ``moe_impl`` the
-    grouped matmul of int8 expert weights (``quant.MOE_IMPLS``; float weights always use ``ragged_dot``).
+    grouped matmul of int8 expert weights (``quant.MOE_IMPLS``; float weights always use ``ragged_dot``),
+    ``attn_impl`` the attention kernels (``attention.ATTENTION_IMPLS``).
 
     With ``cache`` (see ``jamba_jax.cache``) the tokens continue the cached sequences at slot
     ``cache["pos"]`` and ``(logits, new_cache)`` is returned.
@@ -94,6 +97,7 @@ class JambaLM(nn.Module):
     scan_impl: str = "associative"
     moe_impl: str = "xla"
     remat: bool = False
+    attn_impl: str = "xla"
 
     @nn.compact
     def __call__(self, input_ids, token_valid=None, cache=None, last_only: bool = False):
@@ -114,14 +118,15 @@ class JambaLM(nn.Module):
             block = nn.remat(Block, prevent_cse=False) if self.remat else Block
             blocks = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.num_blocks)
-            scanned = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, self.moe_impl, name="blocks")
+            scanned = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, self.moe_impl,
+                             self.attn_impl, name="blocks")
             x, entries = scanned(x, token_valid, None if cache is None else cache["blocks"], pos, kv_valid)
             if cache is not None:
                 new_cache["blocks"] = entries
         if cfg.num_tail_layers:
             layers = tuple(range(cfg.num_tail_layers))
             block = nn.remat(Block) if self.remat else Block
-            tail = block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, name="tail")
+            tail = block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, self.attn_impl, name="tail")
             x, entries = tail(x, token_valid, None if cache is None else cache["tail"], pos, kv_valid)
             if cache is not None:
                 new_cache["tail"] = entries

@@ -1,6 +1,7 @@
-"""The model with ``scan_impl="pallas-interpret"`` (the Pallas selective-scan kernel in interpret
-mode) gives the logits of ``scan_impl="associative"``: a left-padded prefill and decode steps
-through the cache; and ``"pallas"`` off GPU is the associative scan."""
+"""The model with the Pallas kernels (in interpret mode off GPU) gives the logits of the XLA paths:
+``scan_impl="pallas-interpret"`` (selective scan) and ``attn_impl="pallas-interpret"`` (flash and
+decode attention), for a left-padded prefill and decode steps through the cache; ``"pallas"`` off GPU
+is the XLA path; ``kernels=`` selects every implementation at once."""
 
 import dataclasses
 import functools
@@ -55,10 +56,10 @@ def assert_close(got, ref, valid=None):
     assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
 
 
-def decode(params, scan_impl):
+def decode(params, scan_impl, attn_impl="xla"):
     """Logits of the left-padded prompt through the cache, then of each decode step; the cache."""
     ids, valid = inputs()
-    model = JambaLM(CONFIG, jnp.float32, scan_impl)
+    model = JambaLM(CONFIG, jnp.float32, scan_impl, attn_impl=attn_impl)
     step = jax.jit(lambda p, i, v, c: model.apply({"params": p}, i, v, cache=c))
     cache = init_cache(CONFIG, BATCH, PROMPT + DECODE_STEPS, jnp.float32)
     logits, cache = step(params, ids[:, :PROMPT], valid[:, :PROMPT], cache)
@@ -82,6 +83,42 @@ def test_pallas_interpret_decode_matches_associative(monkeypatch):
     for g, r in zip(got[1:], ref[1:]):
         assert_close(g, r)
     jax.tree.map(assert_close, got_cache, ref_cache)  # conv and ssm states, K/V
+
+
+def test_pallas_attention_decode_matches_xla():
+    """Prefill through the cache (flash kernel) and decode steps (split-K decode kernel)."""
+    params = random_params()
+    ref, ref_cache = decode(params, "associative")
+    got, got_cache = decode(params, "associative", PALLAS)
+    _, valid = inputs()
+    assert_close(got[0], ref[0], valid[:, :PROMPT])
+    for g, r in zip(got[1:], ref[1:]):
+        assert_close(g, r)
+    jax.tree.map(assert_close, got_cache, ref_cache)
+
+
+def test_all_kernels_forward_and_generate_match_xla():
+    """``with_kernels`` reaches every layer: the padded forward without a cache, and greedy generation."""
+    model = jamba_jax.Jamba(CONFIG, random_params())
+    kernels_model = model.with_kernels(PALLAS)
+    assert (kernels_model.scan_impl, kernels_model.moe_impl, kernels_model.attn_impl) == (PALLAS,) * 3
+    ids, valid = inputs()
+    assert_close(jamba_jax.forward(kernels_model, ids, valid), jamba_jax.forward(model, ids, valid), valid)
+    prompts = [[5, 9, 17, 3], [7, 8]]
+    got = jamba_jax.generate(kernels_model, prompts, max_new_tokens=3, stop_ids=[]).tokens
+    assert got == jamba_jax.generate(model, prompts, max_new_tokens=3, stop_ids=[]).tokens
+
+
+def test_kernel_flags():
+    from jamba_jax.api import kernel_impls
+
+    assert kernel_impls("pallas", scan_impl="sequential") == {
+        "scan_impl": "sequential", "moe_impl": "pallas", "attn_impl": "pallas"}
+    assert kernel_impls() == {"scan_impl": "associative", "moe_impl": "xla", "attn_impl": "xla"}
+    with pytest.raises(ValueError, match="kernels"):
+        kernel_impls("cuda")
+    with pytest.raises(ValueError, match="attn_impl"):
+        jamba_jax.Jamba(CONFIG, {}, attn_impl="cudnn")
 
 
 def test_pallas_interpret_forward_matches_associative():
