@@ -253,6 +253,11 @@ def _compiler_params(num_warps, num_stages):
     return _pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+# jitted (here and below) so that an unused call is dead code: XLA's DCE drops a jit call whose outputs
+# are unused, but never a bare pallas_call, and flax's nn.scan (newer versions) rejects a scan body
+# whose "broadcast" trace keeps any computation on the scanned inputs.
+@functools.partial(jax.jit, static_argnames=("block_d", "chunk", "variant", "segments", "num_warps", "num_stages",
+                                             "interpret"))
 def selective_scan_pallas(
     x,
     dt,
@@ -405,6 +410,7 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, *, mask=None):
     return y, new_state
 
 
+@functools.partial(jax.jit, static_argnames=("block_d", "num_warps", "interpret"))
 def selective_state_update_pallas(
     state, x, dt, A, B, C, D, z, dt_bias, *, mask=None, block_d: int = 32, num_warps=None,
     interpret: bool = False,

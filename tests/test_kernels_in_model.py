@@ -72,7 +72,7 @@ def decode(params, scan_impl, attn_impl="xla"):
 
 def test_pallas_interpret_decode_matches_associative(monkeypatch):
     """Prefill (padded, through the cache; the kernel with its default configuration, two-pass
-    "segmented" since the minimum segment length is lowered to 8) and decode steps (the fused update)."""
+    "segmented" since the minimum segment length is lowered to 8) and decode steps (the Pallas state update)."""
     monkeypatch.setattr(kernels, "_MIN_SEG_LEN", 8)
     assert kernels._segment_length(PROMPT, scan_module.PALLAS_SCAN_CONFIG["chunk"], None, 8)[1] == 2
     params = random_params()
@@ -141,3 +141,28 @@ def test_pallas_off_gpu_is_associative():
     y_ref, h_ref = scan_module.selective_scan(*args, mask=mask, impl="associative")
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
+
+
+def test_unused_kernel_calls_are_dead_code():
+    """Every Pallas entry point is jitted, so a call whose outputs are unused is removed before lowering
+    (a bare ``pallas_call`` never is). Newer flax's ``nn.scan`` depends on this: it rejects a block whose
+    broadcast trace keeps any computation on the scanned inputs. Compiled (not interpreted) kernels cannot
+    lower on CPU, so a kernel that survived would fail the lowering here."""
+    from pallas_kernels.flash_attention import decode_attention_pallas, flash_attention_pallas
+    from pallas_kernels.int8_ragged_dot import int8_ragged_dot_pallas
+
+    f32 = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+    x, A, B, D = f32(1, 16, 32), -f32(32, 4), f32(1, 16, 4), f32(32)
+    q, k = f32(1, 16, 2, 2, 32), f32(1, 16, 2, 32)
+    calls = {
+        "selective_scan_pallas": lambda: kernels.selective_scan_pallas(x, x, A, B, B, D, x, D),
+        "selective_state_update_pallas": lambda: kernels.selective_state_update_pallas(
+            f32(1, 32, 4), x[:, 0], x[:, 0], A, B[:, 0], B[:, 0], D, x[:, 0], D),
+        "flash_attention_pallas": lambda: flash_attention_pallas(q, k, k, 0, None),
+        "decode_attention_pallas": lambda: decode_attention_pallas(q[:, :1], k, k, 15, None),
+        "int8_ragged_dot_pallas": lambda: int8_ragged_dot_pallas(
+            f32(4, 32), jnp.ones((2, 32, 16), jnp.int8), f32(2, 16), jnp.array([3, 1], jnp.int32)),
+    }
+    for name, call in calls.items():
+        hlo = jax.jit(lambda: (call(), 0)[1]).lower().as_text()
+        assert "pallas" not in hlo.lower() and "triton" not in hlo.lower(), name
