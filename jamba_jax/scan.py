@@ -102,7 +102,7 @@ def selective_scan_associative(
 
 # The Pallas kernel configuration that "pallas" uses for prefill (see docs/selective_scan.md for
 # the H200 measurements behind it).
-PALLAS_SCAN_CONFIG = dict(variant="segmented", block_d=32, chunk=8, segments=None, num_warps=1)
+PALLAS_SCAN_CONFIG = dict(variant="segmented", block_d=32, chunk=4, segments=None, num_warps=1)
 # A decode step (one position) uses the Pallas update up to this batch and the fused XLA update above
 # it (H200, Mini widths: the kernel takes 0.38x / 0.70x / 0.94x of XLA's time at batch 1 / 8 / 32, 1.85x at 128).
 PALLAS_UPDATE_MAX_BATCH = 32

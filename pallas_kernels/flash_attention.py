@@ -161,7 +161,7 @@ def _flash_kernel(*refs, group, q_len, block_q, block_k, n_k_blocks, scale2, has
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "interpret"))
 def flash_attention_pallas(q, k, v, q_start, kv_valid, *, block_q: int = 128, block_k: int = 64,
-                           num_warps: int | None = None, num_stages: int = 2, interpret: bool = False):
+                           num_warps: int | None = None, num_stages: int = 3, interpret: bool = False):
     """Prefill flash attention; shapes and semantics in the module docstring.
 
     ``block_q``: rows of the folded ``[q_len * group, head_dim]`` query matrix per program (a power
