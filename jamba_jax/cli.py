@@ -20,9 +20,13 @@ def _gib(n: int) -> str:
 def cmd_info(args) -> int:
     from .info import model_info
 
-    config = JambaConfig.named(args.config)
     if args.context < 1 or args.batch < 1:
         raise ValueError("--context and --batch must be positive")
+    if args.table:
+        return print_kv_table(args)
+    if args.config is None:
+        raise ValueError("--config is required (or --table for the KV-cache table)")
+    config = JambaConfig.named(args.config)
     info = model_info(config, context=args.context, batch=args.batch, dtype=args.dtype,
                       cache_dtype=args.cache_dtype)
     if args.json:
@@ -44,6 +48,54 @@ def cmd_info(args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def print_kv_table(args) -> int:
+    """``jamba info --table``: the Jamba-1.5 paper's Table 1 (KV cache of one sequence of ``--context``
+    tokens) from the Jamba configs and the other models' published architectures."""
+    from .info import kv_cache_table
+
+    rows = kv_cache_table(args.context, args.cache_dtype)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"KV cache, 1 x {args.context:,} tokens, {args.cache_dtype} "
+          "(paper: Table 1 of Jamba-1.5, 256K tokens, 16-bit, GB = 2^30 bytes)")
+    print(f"{'model':<17} {'source':<23} {'attn layers':>11} {'kv heads':>8} {'head dim':>8} {'KV cache':>11} "
+          f"{'paper':>6}")
+    for r in rows:
+        print(f"{r['model']:<17} {r['source']:<23} {r['attention_layers']:>11} {r['kv_heads']:>8} "
+              f"{r['head_dim']:>8} {_gib(r['kv_cache_bytes']):>11} {str(r['paper_gb']) + ' GB':>6}")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    """``jamba bench``: the paper's serving protocol (batch 1, prompt of L tokens, 512 output tokens) for
+    jamba_jax, HF transformers on the same weights, and an all-attention baseline; JSON and PNG plots."""
+    bench = sub.add_parser("bench", help="latency and tokens/s vs context: jamba_jax, HF, all-attention baseline")
+    bench.add_argument("--config", default="jamba-small",
+                       help=f"bundled name ({', '.join(config_names())}), config.json, or checkpoint dir "
+                            "(random weights of its shapes)")
+    bench.add_argument("--lengths", default="1K,2K,4K,8K", help="prompt lengths, comma-separated (1K = 1024)")
+    bench.add_argument("--new", type=int, default=512, help="output tokens per run (the paper: 512)")
+    bench.add_argument("--out", default="bench_results", help="directory for bench.json and the PNG plots")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    bench.add_argument("--no-baseline", action="store_true", help="skip the all-attention baseline")
+    bench.add_argument("--seed", type=int, default=0)
+
+    def run(args) -> int:
+        from .bench import parse_lengths, run_bench, summary, write_results
+
+        lengths = parse_lengths(args.lengths)
+        result = run_bench(args.config, lengths, args.new, hf=not args.no_hf, baseline=not args.no_baseline,
+                           dtype=args.dtype, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+        written = write_results(result, args.out)
+        print(summary(result))
+        print(f"wrote {', '.join(str(p) for p in written)}")
+        return 0
+
+    bench.set_defaults(run=run)
 
 
 def cmd_generate(args) -> int:
@@ -140,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameter counts and memory sizes of a config (allocates nothing)")
-    info.add_argument("--config", required=True,
+    info.add_argument("--config", default=None,
                       help=f"bundled name ({', '.join(config_names())}), config.json, or checkpoint dir")
+    info.add_argument("--table", action="store_true",
+                      help="the KV-cache table of the Jamba-1.5 paper (Table 1) instead of one config")
     info.add_argument("--context", type=int, default=262144, help="tokens per sequence for the cache sizes")
     info.add_argument("--batch", type=int, default=1, help="sequences for the cache sizes")
     info.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
@@ -152,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
     add_convert_parser(sub)
     add_train_parser(sub)
+    add_bench_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
     gen.add_argument("--checkpoint", default=None,
