@@ -28,6 +28,9 @@ class Layout:
 SAME = Layout("same", lambda a: a, lambda a: a)
 # torch Linear weight [out, in] <-> kernel [in, out]
 LINEAR = Layout("linear", lambda a: a.T, lambda a: a.T)
+# Mamba in_proj weight [2 * d_inner, in] <-> kernel [in, 2, d_inner] (x and z halves on their own axis)
+IN_PROJ = Layout("in_proj", lambda a: a.T.reshape(a.shape[1], 2, -1), lambda a: a.reshape(a.shape[0], -1).T)
+IN_PROJ_BIAS = Layout("in_proj_bias", lambda a: a.reshape(2, -1), lambda a: a.reshape(-1))
 # torch depthwise Conv1d weight [channels, 1, width] <-> [width, channels]
 CONV = Layout("conv", lambda a: a[:, 0, :].T, lambda a: a.T[:, None, :])
 
@@ -50,13 +53,13 @@ def _mixer_keys(config: JambaConfig, mixer: str):
             yield f"self_attn.{p}.weight", ("self_attn", p, "kernel"), LINEAR
         return
     m = "mamba"
-    yield f"{m}.in_proj.weight", (m, "in_proj", "kernel"), LINEAR
+    yield f"{m}.in_proj.weight", (m, "in_proj", "kernel"), IN_PROJ
     yield f"{m}.x_proj.weight", (m, "x_proj", "kernel"), LINEAR
     yield f"{m}.dt_proj.weight", (m, "dt_proj", "kernel"), LINEAR
     yield f"{m}.dt_proj.bias", (m, "dt_bias"), SAME
     yield f"{m}.out_proj.weight", (m, "out_proj", "kernel"), LINEAR
     if config.mamba_proj_bias:
-        yield f"{m}.in_proj.bias", (m, "in_proj", "bias"), SAME
+        yield f"{m}.in_proj.bias", (m, "in_proj", "bias"), IN_PROJ_BIAS
         yield f"{m}.out_proj.bias", (m, "out_proj", "bias"), SAME
     yield f"{m}.conv1d.weight", (m, "conv_kernel"), CONV
     if config.mamba_conv_bias:

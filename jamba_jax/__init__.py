@@ -6,11 +6,12 @@ from .convert.hf_checkpoint import CheckpointError
 from .generate import GenerationResult, chat, generate
 from .model import JambaLM, abstract_params, init_params
 from .quant import QuantizedWeight, quantize_params
+from .sharding import make_mesh
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "Jamba", "JambaConfig", "JambaLM", "abstract_params",
     "GenerationResult", "QuantizedWeight", "chat", "config_names", "forward", "generate", "init_params", "load",
-    "quantize_params",
+    "make_mesh", "quantize_params",
 ]

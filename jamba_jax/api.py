@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -21,6 +22,7 @@ from .model import JambaLM, abstract_params
 from .quant import MOE_IMPLS, check_quantize, is_quantized_path, quantize_params
 from .quant import quantize as quantize_leaf
 from .scan import SCAN_IMPLS
+from .sharding import param_sharding_fn
 
 TOKENIZER_FILE = "tokenizer.json"
 # One flag for every kernel: the (scan_impl, moe_impl, attn_impl) each value selects.
@@ -63,6 +65,7 @@ class Jamba:
     moe_impl: str = "xla"
     quantize: str | None = None
     attn_impl: str = "xla"
+    mesh: Any = None  # a jax.sharding.Mesh the params are sharded on (see jamba_jax.sharding), or None
 
     def __post_init__(self):
         check_quantize(self.quantize)
@@ -88,9 +91,11 @@ def load(path: str | Path, *, dtype=None, scan_impl: str | None = None, mesh=Non
     sharded) or one written by ``jamba convert`` (detected by its ``manifest.json``).
 
     ``dtype`` (e.g. ``"float32"``, ``jnp.bfloat16``) defaults to the checkpoint's dtype.
-    ``mesh`` (a ``jax.sharding.Mesh``) and/or ``shardings`` (a pytree of ``jax.sharding.Sharding``
-    matching the params, or a callable ``(path, jax.ShapeDtypeStruct) -> Sharding`` with ``path`` a
-    tuple of param keys) place each leaf; leaves without a sharding are replicated on ``mesh``.
+    ``mesh`` (a ``jax.sharding.Mesh``, e.g. ``jamba_jax.make_mesh(8)``) places each leaf by the logical-axis
+    rules of ``jamba_jax.sharding`` unless ``shardings`` is given (a pytree of ``jax.sharding.Sharding``
+    matching the params, or a callable ``(path, jax.ShapeDtypeStruct) -> Sharding`` with ``path`` a tuple
+    of param keys; leaves it leaves out are replicated on ``mesh``). The model keeps the mesh:
+    ``forward`` and ``generate`` then run sharded over it.
     A converted checkpoint restores every leaf straight into its sharding; an HF one is read one leaf
     at a time and put onto it. Raises ``ConfigError`` / ``CheckpointError`` with a message naming the
     file or key.
@@ -103,6 +108,10 @@ def load(path: str | Path, *, dtype=None, scan_impl: str | None = None, mesh=Non
     it (``kernel_impls``). They are stored on the ``Jamba``."""
     check_quantize(quantize)
     impls = kernel_impls(kernels, scan_impl=scan_impl, moe_impl=moe_impl, attn_impl=attn_impl)
+    if mesh is not None:
+        impls["mesh"] = mesh
+        if shardings is None:
+            shardings = param_sharding_fn(mesh)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; expected an HF checkpoint directory")
@@ -169,8 +178,14 @@ def forward(model: Jamba, input_ids, attention_mask=None) -> jax.Array:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
-    return _forward(model.params, input_ids, attention_mask, config=model.config,
-                    dtype=np.dtype(model.dtype), scan_impl=model.scan_impl, moe_impl=model.moe_impl, attn_impl=model.attn_impl)
+    with mesh_context(model):
+        return _forward(model.params, input_ids, attention_mask, config=model.config, dtype=np.dtype(model.dtype),
+                        scan_impl=model.scan_impl, moe_impl=model.moe_impl, attn_impl=model.attn_impl)
+
+
+def mesh_context(model: Jamba):
+    """``jax.set_mesh(model.mesh)``, under which the layers see the mesh; a no-op without one."""
+    return contextlib.nullcontext() if model.mesh is None else jax.set_mesh(model.mesh)
 
 
 __all__ = ["Jamba", "load", "forward", "kernel_impls", "KERNELS", "ConfigError", "CheckpointError"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from .config import JambaConfig
 from .layers import Dtype, Linear
+from .sharding import constrain, per_shard
 
 
 def dot_product_attention(q, k, v, mask):
@@ -144,9 +147,14 @@ def attend(q, k, v, q_start, kv_valid, *, block_k: int = 512, num_splits: int = 
         from pallas_kernels import flash_attention as kernels  # imported at trace time only
 
         interpret = impl == "pallas-interpret"
-        if q.shape[1] == 1:
-            return kernels.decode_attention_pallas(q, k, v, q_start, kv_valid, interpret=interpret)
-        return kernels.flash_attention_pallas(q, k, v, q_start, kv_valid, interpret=interpret)
+        kernel = kernels.decode_attention_pallas if q.shape[1] == 1 else kernels.flash_attention_pallas
+        q_axes, kv_axes = ("batch", "seq", "kv_heads", None, "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
+        if kv_valid is None:
+            kv_valid = jnp.ones(k.shape[:2], bool)
+        q_start = jnp.asarray(q_start, jnp.int32)
+        # Under a mesh, each device runs the kernel on its kv heads (and batch rows).
+        return per_shard(functools.partial(kernel, interpret=interpret), (q_axes, kv_axes, kv_axes, None,
+                         ("batch", "seq")), q_axes, q, k, v, q_start, kv_valid)
     if q.shape[1] == 1:
         return split_k_attention(q, k, v, q_start, kv_valid, num_splits=num_splits)
     return blocked_attention(q, k, v, q_start, kv_valid, block_k=block_k)
@@ -174,9 +182,9 @@ class Attention(nn.Module):
         q = Linear(cfg.num_attention_heads * hd, dtype=self.dtype, name="q_proj")(x)
         k = Linear(n_kv * hd, dtype=self.dtype, name="k_proj")(x)
         v = Linear(n_kv * hd, dtype=self.dtype, name="v_proj")(x)
-        q = q.reshape(batch, seq, n_kv, group, hd)
-        k = k.reshape(batch, seq, n_kv, hd)
-        v = v.reshape(batch, seq, n_kv, hd)
+        q = constrain(q.reshape(batch, seq, n_kv, group, hd), "batch", "seq", "kv_heads", None, "head_dim")
+        k = constrain(k.reshape(batch, seq, n_kv, hd), "batch", "seq", "kv_heads", "head_dim")
+        v = constrain(v.reshape(batch, seq, n_kv, hd), "batch", "seq", "kv_heads", "head_dim")
         if cache is None:
             out = attend(q, k, v, 0, token_valid, impl=self.impl)
         else:

@@ -20,8 +20,8 @@ from .config import ATTENTION, JambaConfig
 
 def _layer_cache(config: JambaConfig, mixer: str, lead: tuple[int, ...], batch: int, max_len: int, dtype):
     if mixer == ATTENTION:
-        kv = jnp.zeros((*lead, batch, max_len, config.num_key_value_heads, config.head_dim), dtype)
-        return {"key": kv, "value": kv}
+        shape = (*lead, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}  # two buffers: both are donated
     return {"conv": jnp.zeros((*lead, batch, config.mamba_d_conv - 1, config.d_inner), dtype),
             "ssm": jnp.zeros((*lead, batch, config.d_inner, config.mamba_d_state), jnp.float32)}
 

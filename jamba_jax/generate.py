@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .api import Jamba
+from .api import Jamba, mesh_context
 from .cache import init_cache
+from .sharding import cache_shardings
 from .model import JambaLM
 from .sampling import sample
 
@@ -77,7 +78,8 @@ def bucket_length(n: int, chunk: int = DEFAULT_CHUNK) -> int:
     return -(-n // chunk) * chunk
 
 
-@functools.partial(jax.jit, static_argnames="spec")
+# The cache is donated: its buffers are updated in place rather than copied (a 256K-token cache is GBs).
+@functools.partial(jax.jit, static_argnames="spec", donate_argnames="cache")
 def _prefill_chunk(params, cache, ids, valid, key, *, spec: _Spec):
     logits, cache = spec.model.apply({"params": params}, ids, valid, cache, last_only=True)
     return spec.sample(logits, key), cache
@@ -164,6 +166,8 @@ def _prefill(model: Jamba, spec: _Spec, prompts, max_new_tokens: int, chunk: int
     ids, valid = _left_pad(prompts, length, pad_id)
     max_len = -(-(length + max_new_tokens) // chunk) * chunk  # rounded so the cache shape rarely changes
     cache = init_cache(model.config, len(prompts), max_len, model.dtype)
+    if model.mesh is not None:
+        cache = jax.device_put(cache, cache_shardings(model.mesh, cache))
     step = min(chunk, length)
     for start in range(0, length, step):
         key, sub = jax.random.split(key)
@@ -247,13 +251,14 @@ def generate(model: Jamba, prompts, *, max_new_tokens: int = 64, temperature: fl
 
 def _run(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> GenerationResult:
     t0 = time.perf_counter()
-    first, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
-    first.block_until_ready()
-    t1 = time.perf_counter()
-    pad_id = model.config.pad_token_id or 0
-    out, _ = _decode_loop(model.params, cache, first, key, jnp.asarray(eos or (-1,), jnp.int32),
-                          jnp.int32(pad_id), spec=spec, max_new_tokens=max_new_tokens)
-    out = np.asarray(out)
+    with mesh_context(model):
+        first, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
+        first.block_until_ready()
+        t1 = time.perf_counter()
+        pad_id = model.config.pad_token_id or 0
+        out, _ = _decode_loop(model.params, cache, first, key, jnp.asarray(eos or (-1,), jnp.int32),
+                              jnp.int32(pad_id), spec=spec, max_new_tokens=max_new_tokens)
+        out = np.asarray(out)
     t2 = time.perf_counter()
     return _finish(model, out, encoded, eos, stop, t1 - t0, t2 - t1)
 
@@ -269,7 +274,8 @@ def _finish(model, out, encoded, eos, stop, prefill_s, decode_s) -> GenerationRe
 
 def _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> Iterator[list]:
     t0 = time.perf_counter()
-    token, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
+    with mesh_context(model):  # entered per call: the caller's code runs between the yields
+        token, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
     token = np.asarray(token)
     t1 = time.perf_counter()
     batch = len(encoded)
@@ -278,7 +284,8 @@ def _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -
     for step in range(max_new_tokens):
         if step:
             key, sub = jax.random.split(key)
-            token, cache = _decode_step(model.params, cache, jnp.asarray(token), sub, spec=spec)
+            with mesh_context(model):
+                token, cache = _decode_step(model.params, cache, jnp.asarray(token), sub, spec=spec)
             token = np.asarray(token)
         emitted = []
         for row in range(batch):

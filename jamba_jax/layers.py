@@ -15,18 +15,21 @@ default_init = nn.initializers.normal(stddev=0.02)
 
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)``; ``kernel [in, features]`` (the transpose of torch's weight), both in
-    ``dtype``; the input is cast to ``dtype``. The kernel may be a ``quant.QuantizedWeight`` (ExpertsInt8)."""
+    ``dtype``; the input is cast to ``dtype``. The kernel may be a ``quant.QuantizedWeight`` (ExpertsInt8).
+    ``features`` may be a tuple (float kernels only): ``kernel [in, *features]``, ``y [..., *features]``."""
 
-    features: int
+    features: int | tuple[int, ...]
     use_bias: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", default_init, (x.shape[-1], self.features), self.dtype)
-        y = dot(x.astype(self.dtype), kernel)
+        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        kernel = self.param("kernel", default_init, (x.shape[-1], *features), self.dtype)
+        x = x.astype(self.dtype)
+        y = dot(x, kernel) if len(features) == 1 else jnp.tensordot(x, kernel, axes=1)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            y = y + self.param("bias", nn.initializers.zeros, features, self.dtype)
         return y
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from .config import JambaConfig
 from .layers import Dtype, Linear, RMSNorm, default_init
 from .scan import selective_scan
+from .sharding import constrain
 
 
 def causal_conv1d(x, kernel, bias=None, state=None):
@@ -65,10 +66,11 @@ class Mamba(nn.Module):
         def zero_padding(a):
             return a if token_valid is None else a * token_valid[..., None].astype(a.dtype)
 
-        xz = Linear(2 * d_inner, use_bias=cfg.mamba_proj_bias, dtype=self.dtype, name="in_proj")(zero_padding(x))
+        # kernel [hidden, 2, d_inner]: x and z kept apart so that sharding d_inner splits both alike.
+        xz = Linear((2, d_inner), use_bias=cfg.mamba_proj_bias, dtype=self.dtype, name="in_proj")(zero_padding(x))
         # A projection bias would make padded inputs non-zero: mask again so padding cannot reach the conv.
-        xs, z = jnp.split(xz, 2, axis=-1)
-        xs = zero_padding(xs)
+        xs, z = zero_padding(xz[..., 0, :]), xz[..., 1, :]
+        xs, z = constrain(xs, "batch", "seq", "d_inner"), constrain(z, "batch", "seq", "d_inner")
 
         conv_kernel = self.param("conv_kernel", _conv_init, (cfg.mamba_d_conv, d_inner), self.dtype)
         conv_bias = (self.param("conv_bias", nn.initializers.zeros, (d_inner,), self.dtype)

@@ -19,6 +19,7 @@ from .config import ATTENTION, JambaConfig
 from .layers import Dtype, Linear, RMSNorm
 from .mamba import Mamba
 from .moe import MLP, MoE
+from .sharding import constrain
 
 
 class DecoderLayer(nn.Module):
@@ -50,7 +51,7 @@ class DecoderLayer(nn.Module):
             ffn = MLP(cfg, self.dtype, name="feed_forward")
         h = ffn(h)
         self.sow("intermediates", "ffn_out", h)
-        return x + h, cache
+        return constrain(x + h, "batch", "seq", "embed"), cache
 
 
 class Block(nn.Module):
@@ -104,7 +105,7 @@ class JambaLM(nn.Module):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
-        x = embed(input_ids)
+        x = constrain(embed(input_ids), "batch", "seq", "embed")
         pos = kv_valid = None
         new_cache = None
         if cache is not None:

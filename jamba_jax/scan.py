@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .sharding import per_shard
+
 _F32 = jnp.float32
 
 
@@ -112,23 +114,35 @@ def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None,
     """The Pallas kernel on GPU (or in interpret mode); off GPU, the associative scan. A single
     position (a decode step) goes through the Pallas state update (batch <= ``PALLAS_UPDATE_MAX_BATCH``)
     or the fused XLA one.
-    ``pallas_kernels`` is imported here, so the XLA impls never import Pallas."""
+    ``pallas_kernels`` is imported here, so the XLA impls never import Pallas. Under a mesh the kernel runs
+    on each device's shard of the batch and channels (``sharding.per_shard``)."""
     if not interpret and jax.default_backend() != "gpu":
         return selective_scan_associative(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
     from pallas_kernels import selective_scan as kernels
 
-    if x.shape[1] == 1:
-        if initial_state is None:
-            initial_state = jnp.zeros((x.shape[0], x.shape[2], A.shape[-1]), _F32)
-        args = (initial_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], dt_bias)
-        step_mask = None if mask is None else mask[:, 0]
-        if x.shape[0] <= PALLAS_UPDATE_MAX_BATCH:
-            y, h = kernels.selective_state_update_pallas(*args, mask=step_mask, interpret=interpret)
-        else:
-            y, h = kernels.selective_state_update(*args, mask=step_mask)
-        return y[:, None], h
-    return kernels.selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask,
-                                         interpret=interpret, **PALLAS_SCAN_CONFIG)
+    if initial_state is None:
+        initial_state = jnp.zeros((x.shape[0], x.shape[2], A.shape[-1]), _F32)
+    seq_axes, chan_axes, state_axes = ("batch", "seq", "d_inner"), ("d_inner",), ("batch", "d_inner", "d_state")
+    in_axes = [seq_axes, seq_axes, ("d_inner", "d_state"), ("batch", "seq", "d_state"), ("batch", "seq", "d_state"),
+               chan_axes, seq_axes, chan_axes, state_axes]
+    args = [x, dt, A, B, C, D, z, dt_bias, initial_state]
+    if mask is not None:
+        in_axes.append(("batch", "seq"))
+        args.append(mask)
+
+    def run(x, dt, A, B, C, D, z, dt_bias, h0, mask=None):  # on one shard of the batch and channels
+        if x.shape[1] == 1:
+            step = (h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], dt_bias)
+            step_mask = None if mask is None else mask[:, 0]
+            if x.shape[0] <= PALLAS_UPDATE_MAX_BATCH:
+                y, h = kernels.selective_state_update_pallas(*step, mask=step_mask, interpret=interpret)
+            else:
+                y, h = kernels.selective_state_update(*step, mask=step_mask)
+            return y[:, None], h
+        return kernels.selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state=h0, mask=mask,
+                                             interpret=interpret, **PALLAS_SCAN_CONFIG)
+
+    return per_shard(run, in_axes, (seq_axes, state_axes), *args)
 
 
 SCAN_IMPLS = {
