@@ -14,4 +14,4 @@ def test_quickstart_notebook_runs(tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "8 layers" in text and "max |logit difference| 0.0" in text and "jamba-1.5-mini" in text
+    assert "8 layers" in text and "generate the same tokens" in text and "jamba-1.5-mini" in text
