@@ -17,6 +17,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
+def _size(n: int) -> str:
+    """GiB, or MiB / KiB for what would print as 0.00 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale / 100:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n / 2**10:,.2f} KiB"
+
+
 def cmd_info(args) -> int:
     from .info import model_info
 
@@ -27,6 +35,8 @@ def cmd_info(args) -> int:
     if args.config is None:
         raise ValueError("--config is required (or --table for the KV-cache table)")
     config = JambaConfig.named(args.config)
+    if args.mesh is not None:
+        return print_memory_plan(config, args)
     info = model_info(config, context=args.context, batch=args.batch, dtype=args.dtype,
                       cache_dtype=args.cache_dtype)
     if args.json:
@@ -43,6 +53,45 @@ def cmd_info(args) -> int:
         *((f"param bytes ({dt})", _gib(n)) for dt, n in info["param_bytes_by_dtype"].items()),
         (f"KV cache ({args.cache_dtype}, {args.batch} x {args.context:,} tokens)", _gib(info["kv_cache_bytes"])),
         ("Mamba state (conv + fp32 ssm)", _gib(info["mamba_state_bytes"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def print_memory_plan(config, args) -> int:
+    """``--mesh N``: the per-device plan of ``jamba_jax.memory_plan`` (compiled against N devices: fake CPU
+    devices when this machine has fewer accelerators)."""
+    from .memory_plan import fake_cpu_devices, memory_plan
+
+    if args.mesh < 1 or args.expert < 1 or args.mesh % args.expert:
+        raise ValueError(f"--mesh ({args.mesh}) must be a positive multiple of --expert ({args.expert})")
+    import jax
+
+    from .sharding import make_mesh
+
+    fake_cpu_devices(args.mesh)  # before JAX starts: a machine with fewer accelerators plans on CPU devices
+    devices = jax.devices()
+    if len(devices) < args.mesh:
+        devices = jax.devices("cpu")
+    mesh = make_mesh(args.mesh, expert=args.expert, devices=devices)
+    print(f"compiling the prefill chunk and decode step for {args.mesh} devices ...", file=sys.stderr)
+    plan = memory_plan(config, mesh, context=args.context, batch=args.batch, dtype=args.dtype,
+                       quantize=args.quantize)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    weights = f"{args.dtype}" + (" + int8 experts/MLPs" if args.quantize else "")
+    rows = [
+        ("config", args.config),
+        ("mesh", " x ".join(f"{k} {v}" for k, v in plan["mesh"].items())),
+        (f"params per device ({weights})", _size(plan["params"])),
+        (f"KV cache per device ({args.batch} x {args.context:,} tokens)", _size(plan["kv_cache"])),
+        ("Mamba state per device", _size(plan["mamba_state"])),
+        (f"prefill chunk scratch ({plan['prefill_chunk']} tokens, compiled)", _size(plan["prefill_temp"])),
+        ("decode step scratch (compiled)", _size(plan["decode_temp"])),
+        ("peak per device", _size(plan["peak"])),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -106,7 +155,16 @@ def cmd_generate(args) -> int:
         from .demo import DEMO_DIR
 
         args.checkpoint = DEMO_DIR
-    model = load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize)
+    mesh = None
+    if args.distributed:  # before any other JAX call: every host runs this same command
+        import jax
+
+        jax.distributed.initialize()
+    if args.mesh is not None:
+        from .sharding import make_mesh
+
+        mesh = make_mesh(None if args.mesh == 0 else args.mesh, expert=args.expert)
+    model = load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize, mesh=mesh)
     if model.tokenizer is None:
         raise ValueError(f"{args.checkpoint}: no tokenizer.json; `jamba generate` needs one to read the prompt")
     stream = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -203,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                       help="KV-cache and conv-state dtype (the ssm state is always float32)")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--mesh", type=int, default=None,
+                      help="per-device memory plan on this many devices (compiles the prefill and decode steps)")
+    info.add_argument("--expert", type=int, default=1, help="with --mesh: the expert-parallel axis size")
+    info.add_argument("--quantize", default=None, choices=["experts-int8"], help="with --mesh: int8 experts/MLPs")
     info.set_defaults(run=cmd_info)
     add_convert_parser(sub)
     add_train_parser(sub)
@@ -221,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="compute/param dtype (default: the checkpoint's)")
     gen.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
                      help="pallas: the Pallas scan, attention and int8 MoE kernels on GPU (XLA elsewhere)")
+    gen.add_argument("--mesh", type=int, default=None,
+                     help="shard over this many devices (0: all; tensor-parallel, see --expert)")
+    gen.add_argument("--expert", type=int, default=1, help="with --mesh: the expert-parallel axis size")
+    gen.add_argument("--distributed", action="store_true",
+                     help="multi-host: jax.distributed.initialize() first (run the same command on every host)")
     gen.add_argument("--quantize", default=None, choices=["experts-int8"],
                      help="int8 expert and MLP weights (ExpertsInt8), quantized at load")
     gen.set_defaults(run=cmd_generate)

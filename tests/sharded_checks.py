@@ -112,6 +112,12 @@ def check_plan(config_name: str, quantize: str, context: str, devices: str):
     return memory_plan(JambaConfig.named(config_name), mesh, context=int(context), quantize=quantize or None)
 
 
+def check_suite():
+    """The default test run's checks in one process (one JAX start)."""
+    return {"forward": check_forward("8x1,2x4,dp2"), "int8": check_forward("4x2", "experts-int8"),
+            "generate": check_generate("2x4"), "placement": check_placement("4x2")}
+
+
 if __name__ == "__main__":
     check, *args = sys.argv[1:]
     jnp.zeros(())  # start the backend before printing anything

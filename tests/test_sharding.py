@@ -83,27 +83,36 @@ def test_make_mesh_sizes_and_errors():
         jamba_jax.make_mesh(1, expert=3)
 
 
-def test_sharded_forward_equals_one_device():
-    """Meshes 8x1 (tensor), 4x2 and 2x4 (tensor x expert) and data 2 x expert 2 x tensor 2 (fp32)."""
-    errors = run_check("forward", "8x1,4x2,2x4,dp2")
+@pytest.fixture(scope="module")
+def suite():
+    return run_check("suite")
+
+
+def test_sharded_forward_equals_one_device(suite):
+    """Meshes 8 (tensor), 2 x 4 (tensor x expert) and 2 x 2 x 2 (data x expert x tensor), fp32; 4 x 2 in
+    the slow test below."""
+    assert max(suite["forward"].values()) <= TOL, suite["forward"]
+
+
+@pytest.mark.slow
+def test_sharded_forward_4x2_and_int8_2x4():
+    errors = run_check("forward", "4x2") | {"int8 " + k: v for k, v in run_check("forward", "2x4", "experts-int8").items()}
     assert max(errors.values()) <= TOL, errors
 
 
-def test_sharded_int8_forward_equals_one_device():
-    """ExpertsInt8 weights sharded like the weights they replace; the expert-parallel MoE."""
-    errors = run_check("forward", "4x2,2x4", "experts-int8")
-    assert max(errors.values()) <= TOL, errors
+def test_sharded_int8_forward_equals_one_device(suite):
+    """ExpertsInt8 weights sharded like the weights they replace; the expert-parallel MoE (4 x 2)."""
+    assert max(suite["int8"].values()) <= TOL, suite["int8"]
 
 
-def test_sharded_greedy_generate_equals_one_device():
-    result = run_check("generate", "2x4")
-    assert result["equal"], result
+def test_sharded_greedy_generate_equals_one_device(suite):
+    assert suite["generate"]["equal"], suite["generate"]
 
 
-def test_params_split_as_the_rules_say():
+def test_params_split_as_the_rules_say(suite):
     """From ``addressable_shards`` on a 4 (tensor) x 2 (expert) mesh: how many distinct shards each
     param has."""
-    ways = run_check("placement", "4x2")
+    ways = suite["placement"]
     layer0, layer1 = "blocks/layer_0", "blocks/layer_1"
     assert ways[f"{layer0}/feed_forward/experts/gate_proj"] == 8  # experts over 2, hidden width over 4
     assert ways[f"{layer0}/feed_forward/experts/down_proj"] == 8
@@ -122,11 +131,20 @@ def test_sharded_pallas_kernels_per_shard():
     assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow
 def test_load_onto_a_mesh(tmp_path):
     """``jamba_jax.load(HF_DIR, mesh=)``: each leaf placed by the rules as it is read; logits as on one device."""
     result = run_check("load", "2x4", str(tmp_path / "hf"))
     assert result["rel_err"] <= TOL and result["mesh"], result
     assert result["in_proj_spec"] == ["None", "None", "None", "tensor"], result
+
+
+def test_info_mesh_bad_arguments(capsys):
+    from jamba_jax.cli import main
+
+    assert main(["info", "--config", "jamba-tiny", "--mesh", "3", "--expert", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--expert" in err[0]
 
 
 @pytest.mark.slow
