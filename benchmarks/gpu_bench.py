@@ -38,7 +38,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for bench.json and the plots")
     p.add_argument("--config", default="jamba-1.5-mini", help="widths to use (jamba-tiny for a CPU dry run)")
-    p.add_argument("--blocks", type=int, default=1, help="blocks of 8 layers (1 block of Mini: 12.9B params)")
+    p.add_argument("--blocks", type=int, default=1, help="blocks of 8 layers (1 block at Mini widths: 13.3B params)")
     p.add_argument("--lengths", default="1K,4K,16K,64K")
     p.add_argument("--new", type=int, default=512)
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later runs are skipped past it")
