@@ -1,9 +1,9 @@
-"""Draws docs/architecture.png: Jamba-1.5's layer plan, the decode cache and the parameter layout.
+"""Draws docs/architecture.png: Jamba-1.5's layer plan, the decode cache and the sharding rules.
 
     python docs/architecture_figure.py [--out docs/architecture.png]
 
 Every number in the picture comes from the bundled configs (``jamba_jax.JambaConfig``) and from
-``jamba_jax.cache.cache_bytes``; nothing is typed in by hand.
+``jamba_jax.cache.cache_bytes`` and ``jamba_jax.sharding.RULES``; nothing is typed in by hand.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 from jamba_jax.cache import cache_bytes  # noqa: E402
 from jamba_jax.config import ATTENTION, JambaConfig  # noqa: E402
+from jamba_jax.sharding import RULES  # noqa: E402
 
 MAMBA_COLOR, ATTN_COLOR, MOE_COLOR, MLP_COLOR = "#7fb3d5", "#f5b041", "#a9dfbf", "#e5e8e8"
 
@@ -45,7 +46,7 @@ def human(n: float) -> str:
 def draw(out: Path) -> None:
     mini, large = JambaConfig.named("jamba-1.5-mini"), JambaConfig.named("jamba-1.5-large")
     fig = plt.figure(figsize=(12, 8.2))
-    fig.suptitle("jamba_jax: Jamba-1.5 layer plan, decode cache and parameter layout", fontsize=13, weight="bold")
+    fig.suptitle("jamba_jax: Jamba-1.5 layer plan, decode cache and sharding", fontsize=13, weight="bold")
 
     # 1. One block of the layer plan.
     ax = fig.add_axes([0.02, 0.50, 0.96, 0.42])
@@ -113,15 +114,13 @@ def draw(out: Path) -> None:
         ("             ssm [blocks, batch, d_inner, d_state] float32", "normal"),
         (f"Mini at 256K: {human(at['kv_cache_bytes'])} K/V + {human(at['mamba_state_bytes'])} Mamba state", "normal"),
         ("", "normal"),
-        ("Placement and sharding", "bold"),
-        ("load(path, mesh=, shardings=): one jax.sharding.Sharding per param", "normal"),
-        ("leaf path (a pytree, or a callable (path, shape) -> Sharding);", "normal"),
-        ("a converted (Orbax) checkpoint restores each leaf into its sharding,", "normal"),
-        ("an HF one is read one leaf at a time and put onto it.", "normal"),
-        ("Training: batches split over a data-parallel mesh (train --data-parallel).", "normal"),
+        ("Sharding: mesh (data, expert, tensor), sharding.RULES", "bold"),
+        *((f"{axis:<9} -> {RULES[axis] or 'replicated'}", "normal")
+          for axis in ("batch", "kv_heads", "d_inner", "experts", "mlp", "vocab", "embed")),
+        ("MoE under shard_map: own experts, hidden slice, one psum", "normal"),
     ]
     for k, (text, weight) in enumerate(lines):
-        ax3.text(0.0, 1.0 - k * 0.075, text, fontsize=8.5, weight=weight, family="monospace" if weight == "normal"
+        ax3.text(0.0, 1.02 - k * 0.066, text, fontsize=8.5, weight=weight, family="monospace" if weight == "normal"
                  else None, va="top")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
