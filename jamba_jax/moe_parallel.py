@@ -32,9 +32,9 @@ def _weight_spec(w, expert_axis, tensor_axis, down: bool):
 
 
 def sharded_experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl: str, ffn):
-    """``ffn(x, expert_ids, weights, gate, up, down, impl)`` (``moe.experts_ffn``'s signature; ids at or
-    past the local expert count must contribute nothing) run expert- and tensor-parallel over the active
-    mesh; shapes as ``moe.experts_ffn``. Returns None when there is no mesh to use (no active mesh, both
+    """``ffn(x, expert_ids, weights, gate, up, down, impl)`` (``moe.experts_ffn``'s signature, which gives
+    0 for ids past its experts) run expert- and tensor-parallel over the active mesh; shapes as
+    ``moe.experts_ffn``. The (token, choice) pairs of other devices' experts get id ``local experts``. Returns None when there is no mesh to use (no active mesh, both
     axes of size 1, or sizes that do not divide the experts / hidden width): the caller then runs ``ffn``
     as is."""
     mesh = active_mesh()
@@ -55,7 +55,7 @@ def sharded_experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, i
         first = jax.lax.axis_index("expert") * local_experts if expert_axis else 0
         ids = expert_ids - first
         mine = (ids >= 0) & (ids < local_experts)
-        ids = jnp.where(mine, ids, local_experts)  # other devices' pairs: one dropped group at the end
+        ids = jnp.where(mine, ids, local_experts)  # other devices' pairs: past this device's experts
         out = ffn(x, ids, jnp.where(mine, weights, 0), gate_proj, up_proj, down_proj, impl)
         axes = tuple(a for a in (expert_axis, tensor_axis) if a)
         return jax.lax.psum(out.astype(jnp.float32), axes).astype(out.dtype)
