@@ -132,13 +132,16 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     bench.add_argument("--no-baseline", action="store_true", help="skip the all-attention baseline")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="runs per model and length; the fastest is kept (for a machine shared with other jobs)")
 
     def run(args) -> int:
         from .bench import parse_lengths, run_bench, summary, write_results
 
         lengths = parse_lengths(args.lengths)
         result = run_bench(args.config, lengths, args.new, hf=not args.no_hf, baseline=not args.no_baseline,
-                           dtype=args.dtype, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           dtype=args.dtype, seed=args.seed, repeats=args.repeats,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
         written = write_results(result, args.out)
         print(summary(result))
         print(f"wrote {', '.join(str(p) for p in written)}")

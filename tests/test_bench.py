@@ -67,6 +67,7 @@ def test_bench_cli_writes_json_and_plots(tmp_path, capsys):
     (["--lengths", "1K,two"], "bad context length 'two'"),
     (["--lengths", "0"], "context lengths must be positive"),
     (["--new", "1"], "--new must be at least 2"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
 ])
 def test_bench_bad_input_is_one_line_error(capsys, args, message):
     assert main(["bench", *args]) == 2
