@@ -112,8 +112,8 @@ def main():
             entry["rows"].append(row)
             print(f"{key:>14} L={length:>7}: latency {row['latency_s']:7.2f} s, prefill {row['prefill_tok_s']:9.0f} "
                   f"tok/s, decode {row['decode_tok_s']:7.1f} tok/s ({row['ms_per_output_token']:.2f} ms/token; floor "
-                  f"{row.get('floor_ms_per_token', float('nan')):.2f}), +{(row['peak_memory_added_bytes'] or 0) / 2**30:.2f} GiB",
-                  flush=True)
+                  f"{row.get('floor_ms_per_token', float('nan')):.2f}), "
+                  f"+{(row['peak_memory_added_bytes'] or 0) / 2**30:.2f} GiB", flush=True)
         except Exception as e:  # noqa: BLE001 -- keep the other runs (an out-of-memory length, say)
             result["errors"].append(f"{key} L={length}: " + "".join(traceback.format_exception_only(e))[:600])
             print("ERROR", key, length, repr(e)[:300], flush=True)

@@ -54,7 +54,8 @@ def draw(out: Path) -> None:
     ax.set_ylim(-0.9, 3.6)
     ax.axis("off")
     p = mini.block_size
-    note(ax, 0.05, 3.35, f"One block = {p} layers (attention iff i % {mini.attn_layer_period} == {mini.attn_layer_offset}; "
+    note(ax, 0.05, 3.35, f"One block = {p} layers (attention iff i % {mini.attn_layer_period} == "
+         f"{mini.attn_layer_offset}; "
             f"MoE iff i % {mini.expert_layer_period} == {mini.expert_layer_offset}). Jamba-1.5-Mini: "
             f"{mini.num_blocks} blocks ({mini.num_hidden_layers} layers); Jamba-1.5-Large: {large.num_blocks} blocks "
             f"({large.num_hidden_layers} layers). The blocks run under nn.scan: compile time is flat in depth.")

@@ -50,7 +50,6 @@ MODEL_LABELS = {
     "hf": "HF transformers (hybrid, torch)",
     "attention": "jamba_jax, all-attention baseline",
 }
-PLOTS = ("latency", "output_tokens_per_second", "time_per_output_token", "prefill", "memory")
 
 
 class BenchError(ValueError):
@@ -94,7 +93,8 @@ def param_counts(config: JambaConfig) -> dict[str, int]:
     shapes = _param_shapes(config)
     total = sum(int(np.prod(s)) for s in shapes.values())
     expert = sum(int(np.prod(s)) for path, s in shapes.items() if "experts" in path)
-    return {"total": total, "active": total - expert + expert * config.num_experts_per_tok // max(config.num_experts, 1)}
+    active = total - expert + expert * config.num_experts_per_tok // max(config.num_experts, 1)
+    return {"total": total, "active": active}
 
 
 def attention_baseline(config: JambaConfig, multiple_of: int = 8) -> JambaConfig:
@@ -412,7 +412,8 @@ def run_bench(config_name: str = DEFAULT_CONFIG, lengths=DEFAULT_LENGTHS, new: i
             if repeats > 1:
                 row["repeat_latencies_s"] = [r["latency_s"] for r in runs]
             result["models"][key]["rows"].append(row)
-            log(f"{key:>9} L={length:>6}: latency {row['latency_s']:7.2f} s, prefill {row['prefill_tok_s']:8.0f} tok/s, "
+            log(f"{key:>9} L={length:>6}: latency {row['latency_s']:7.2f} s, "
+                f"prefill {row['prefill_tok_s']:8.0f} tok/s, "
                 f"decode {row['decode_tok_s']:6.1f} tok/s ({row['ms_per_output_token']:.1f} ms/token), "
                 f"load {row.get('load_average', ['?'])[0]}")
     result["ratios"] = ratios(result)
