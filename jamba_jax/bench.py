@@ -534,5 +534,5 @@ def summary(result: dict) -> str:
         if "attention_ms_per_token_over_hybrid" in e:
             parts.append(f"all-attention ms/token {e['attention_ms_per_token_over_hybrid']:.2f}x the hybrid's")
         if len(parts) > 1:
-            lines.append(" ".join(parts))
+            lines.append(parts[0] + " " + "; ".join(parts[1:]))
     return "\n".join(lines)
