@@ -121,7 +121,12 @@ def print_kv_table(args) -> int:
 def add_bench_parser(sub) -> None:
     """``jamba bench``: the paper's serving protocol (batch 1, prompt of L tokens, 512 output tokens) for
     jamba_jax, HF transformers on the same weights, and an all-attention baseline; JSON and PNG plots."""
-    bench = sub.add_parser("bench", help="latency and tokens/s vs context: jamba_jax, HF, all-attention baseline")
+    bench = sub.add_parser(
+        "bench", help="latency and tokens/s vs context: jamba_jax, HF, all-attention baseline",
+        description="The Jamba-1.5 paper's serving protocol (Figs. 3-4): batch 1, a prompt of L random tokens, "
+                    "--new greedy output tokens, for jamba_jax and HF transformers on the same random weights and "
+                    "for an all-attention baseline of matched parameter count. Writes OUT/bench.json and PNG "
+                    "plots; compile and warm-up are not timed. See docs/benchmarks.md.")
     bench.add_argument("--config", default="jamba-small",
                        help=f"bundled name ({', '.join(config_names())}), config.json, or checkpoint dir "
                             "(random weights of its shapes)")
