@@ -16,8 +16,9 @@ it is picked in one place, ``grouped_matmul()``, at trace time from ``jax.defaul
   times the two: 2-5x faster than CPU ``ragged_dot`` (which masks the rows and contracts over every
   expert at once) from 2 to 2048 rows.
 
-Int8 weights (``QuantizedWeight``) always take the sorted ``ragged_dot`` layout with
-``quant.int8_ragged_dot``, whose ``impl`` picks its kernel."""
+Int8 weights (``QuantizedWeight``): on the tiled path each tile dequantizes only its expert's matrices
+(``_expert_dot``), so the whole expert stack never exists in float; with ``impl="pallas-interpret"``, and
+on GPU, the sorted layout with ``quant.int8_ragged_dot``, whose ``impl`` picks its kernel."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 
 from .config import JambaConfig
 from .layers import Dtype, Linear, default_init
-from .quant import QuantizedWeight, int8_ragged_dot
+from .moe_parallel import sharded_experts_ffn
+from .quant import MOE_IMPLS, QuantizedWeight, int8_ragged_dot
 
 
 class MLP(nn.Module):
@@ -84,9 +86,12 @@ def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl: str
     grouped = grouped or grouped_matmul()
     if grouped not in GROUPED_MATMULS:
         raise ValueError(f"unknown grouped matmul {grouped!r}; expected one of {GROUPED_MATMULS}")
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"unknown moe_impl {impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
     projs = (gate_proj, up_proj, down_proj)
-    if grouped == "tiled" and not any(isinstance(w, QuantizedWeight) for w in projs):
-        out = _tiled_ffn(x, expert_ids, *(w.astype(x.dtype) for w in projs))
+    quantized = any(isinstance(w, QuantizedWeight) for w in projs)
+    if grouped == "tiled" and not (quantized and impl == "pallas-interpret"):  # the kernel needs the sorted layout
+        out = _tiled_ffn(x, expert_ids, *(w if isinstance(w, QuantizedWeight) else w.astype(x.dtype) for w in projs))
     else:
         out = _sorted_ffn(x, expert_ids, *projs, impl)
     out = out.reshape(*expert_ids.shape, -1) * weights[..., None].astype(x.dtype)
@@ -125,6 +130,15 @@ def _split_dot(a, w):
     return out
 
 
+def _expert_dot(a, w, e):
+    """``a @ w[e]``; an int8 ``QuantizedWeight`` has only expert ``e``'s matrix dequantized (to ``a.dtype``),
+    with fp32 accumulation and the scale applied after, as ``quant.int8_ragged_dot``'s XLA path."""
+    if isinstance(w, QuantizedWeight):
+        y = jnp.dot(a, w.q[e].astype(a.dtype), preferred_element_type=jnp.float32) * w.scale[e]
+        return y.astype(a.dtype)
+    return _split_dot(a, w[e])
+
+
 def _tiled_ffn(x, expert_ids, gate_proj, up_proj, down_proj):
     """The ``"tiled"`` path: ``[tokens * k, hidden]``, the expert output of each (token, choice)."""
     tokens, top_k = expert_ids.shape
@@ -150,7 +164,8 @@ def _tiled_ffn(x, expert_ids, gate_proj, up_proj, down_proj):
         def ffn(out):
             e = tile_expert[t]
             a = jax.lax.dynamic_slice_in_dim(lhs, t * tile, tile)
-            y = _split_dot(nn.silu(_split_dot(a, gate_proj[e])) * _split_dot(a, up_proj[e]), down_proj[e])
+            h = nn.silu(_expert_dot(a, gate_proj, e)) * _expert_dot(a, up_proj, e)
+            y = _expert_dot(h, down_proj, e)
             return jax.lax.dynamic_update_slice_in_dim(out, y, t * tile, 0)
         return jax.lax.cond(t * tile < ends[-1], ffn, lambda out: out, out)
 
@@ -176,7 +191,10 @@ class MoE(nn.Module):
         self.sow("intermediates", "router_logits", logits)  # [tokens, experts], for the aux loss
         weights, expert_ids = route(logits, cfg.num_experts_per_tok)
         experts = Experts(E, H, inter, self.dtype, name="experts")
-        out = experts_ffn(flat, expert_ids, weights.astype(self.dtype), *experts(), self.moe_impl)
+        args = (flat, expert_ids, weights.astype(self.dtype), *experts(), self.moe_impl)
+        out = sharded_experts_ffn(*args, experts_ffn)  # on a mesh: expert- and tensor-parallel
+        if out is None:
+            out = experts_ffn(*args)
         return out.reshape(x.shape)
 
 
