@@ -47,6 +47,9 @@ def naive_attention(q, k, v, q_start, kv_valid):
 
 
 _NEG = jnp.finfo(jnp.float32).min
+# Keys per block of the XLA prefill path. A key length that is not a multiple of it is padded, which copies
+# K/V: decode caches are sized in multiples of it (``generate``).
+KEY_BLOCK = 512
 
 
 def _partial(q, k, v, mask):
@@ -86,7 +89,7 @@ def _pad_keys(k, v, kv_valid, block: int):
     return k, v, kv_valid
 
 
-def blocked_attention(q, k, v, q_start, kv_valid, *, block_k: int = 512):
+def blocked_attention(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK):
     """Flash-style attention: a ``lax.scan`` over key blocks with an online softmax, so at most one
     ``[q_len, block_k]`` block of scores per head exists at a time. Shapes as in ``attend``."""
     block_k = min(block_k, k.shape[1])
@@ -131,7 +134,7 @@ def split_k_attention(q, k, v, q_start, kv_valid, *, num_splits: int = 16):
 ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
 
 
-def attend(q, k, v, q_start, kv_valid, *, block_k: int = 512, num_splits: int = 16, impl: str = "xla"):
+def attend(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK, num_splits: int = 16, impl: str = "xla"):
     """Causal GQA attention of ``q_len`` queries at slots ``q_start ..`` over key slots ``0 .. k_len-1``.
 
     q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, k_len, kv_heads, head_dim]`` (K/V are

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .api import Jamba, mesh_context
+from .attention import KEY_BLOCK
 from .cache import init_cache
 from .sharding import cache_shardings
 from .model import JambaLM
@@ -164,7 +166,9 @@ def _prefill(model: Jamba, spec: _Spec, prompts, max_new_tokens: int, chunk: int
     length = bucket_length(max(map(len, prompts)), chunk)
     pad_id = model.config.pad_token_id or 0
     ids, valid = _left_pad(prompts, length, pad_id)
-    max_len = -(-(length + max_new_tokens) // chunk) * chunk  # rounded so the cache shape rarely changes
+    # Rounded so the cache shape rarely changes, and to whole key blocks so attention never pads (copies) K/V.
+    unit = math.lcm(chunk, KEY_BLOCK)
+    max_len = -(-(length + max_new_tokens) // unit) * unit
     cache = init_cache(model.config, len(prompts), max_len, model.dtype)
     if model.mesh is not None:
         cache = jax.device_put(cache, cache_shardings(model.mesh, cache))
