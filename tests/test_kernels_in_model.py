@@ -97,6 +97,7 @@ def test_pallas_attention_decode_matches_xla():
     jax.tree.map(assert_close, got_cache, ref_cache)
 
 
+@pytest.mark.slow  # interpret-mode kernels through generate: minutes on CPU; run with -m slow (and on GPU)
 def test_all_kernels_forward_and_generate_match_xla():
     """``with_kernels`` reaches every layer: the padded forward without a cache, and greedy generation."""
     model = jamba_jax.Jamba(CONFIG, random_params())
