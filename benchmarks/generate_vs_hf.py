@@ -6,7 +6,8 @@
 Builds a random HF checkpoint of the config (fp32), loads it in both, and times, after one warm-up:
 prefill (the prompt through the model, filling the cache) and decode (greedy new tokens), the two sides
 in turn for ``--rounds`` rounds, keeping each side's best; records the machine's load average around
-them (both sides run under it, and a load change between rounds hits both).
+them (both sides run under it, and a load change between rounds hits both). Under ``taskset -c N`` both
+sides use only the CPUs allowed (torch's thread count follows them).
 Also times jamba_jax's compiled decode step at several cache positions to show it does not grow with
 the number of tokens already in the Mamba state, and reports the step's compiled memory.
 """
@@ -133,6 +134,7 @@ def main():
     steps = args.new - 1
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} torch threads, jax {jax.__version__} on {jax.default_backend()}",
+        "cpus_allowed": len(os.sched_getaffinity(0)),
         "date": time.strftime("%Y-%m-%d"),
         "load_average_1_5_15_min": {"before": [round(v, 2) for v in load_before],
                                     "after": [round(v, 2) for v in load_after]},

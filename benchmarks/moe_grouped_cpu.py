@@ -2,6 +2,7 @@
 """The MoE's float grouped matmuls on CPU: ``"ragged_dot"`` against ``"tiled"`` (see ``jamba_jax/moe.py``).
 
     python benchmarks/moe_grouped_cpu.py [--repeats 20] [--out docs/results/moe_grouped_cpu.json]
+    taskset -c 1 python benchmarks/moe_grouped_cpu.py ...   # one core: steadier on a shared machine
 
 1. ``experts_ffn`` (gate, up, SiLU, down, weighted sum over the top-k) at jamba-small shapes (hidden 256,
    inter 512, 8 experts, top-2, fp32) for 1, 8, 256 and 1024 tokens (2 to 2048 rows), routed by the top-2
@@ -10,7 +11,8 @@
 2. One 256-token prefill chunk of a random jamba-small model (``generate``'s chunk) with each grouped
    matmul, and the max relative difference of its logits.
 3. Where that chunk's time goes: each kind of sublayer alone on the chunk (``[1, 256, hidden]``, first
-   chunk of a 1280-slot cache), times the number of layers of that kind.
+   chunk of a 1280-slot cache), times the number of layers of that kind; the Mamba mixer with the
+   default (associative) and the sequential selective scan.
 """
 
 from __future__ import annotations
@@ -104,11 +106,10 @@ def chunk_breakdown(config, repeats: int) -> dict:
     kv_valid = cache["valid"].at[:, :256].set(True)
     layer_cache = {config.mixer_type(j): jax.tree.map(lambda a: a[0], cache["blocks"][f"layer_{j}"])
                    for j in range(config.block_size)}
-    kinds = {"mamba": Mamba(config), "attention": Attention(config), "mlp": moe.MLP(config),
-             "moe": moe.MoE(config)}
-    inputs = {"mamba": (x, valid, layer_cache["mamba"]), "attention": (x, valid, layer_cache["attention"],
-                                                                       jnp.int32(0), kv_valid),
-              "mlp": (x,), "moe": (x,)}
+    kinds = {"mamba": Mamba(config), "mamba_scan_sequential": Mamba(config, scan_impl="sequential"),
+             "attention": Attention(config), "mlp": moe.MLP(config), "moe": moe.MoE(config)}
+    inputs = {"mamba": (x, valid, layer_cache["mamba"]), "mamba_scan_sequential": (x, valid, layer_cache["mamba"]),
+              "attention": (x, valid, layer_cache["attention"], jnp.int32(0), kv_valid), "mlp": (x,), "moe": (x,)}
     fns, args = {}, {}
     for name, module in kinds.items():
         params = module.init(jax.random.key(0), *inputs[name])
@@ -126,7 +127,8 @@ def chunk_breakdown(config, repeats: int) -> dict:
             jax.block_until_ready(f(*args[name]))
             times[name].append(time.perf_counter() - t0)
     plan = config.layer_plan
-    count = {"mamba": sum(m == "mamba" for m, _ in plan), "attention": sum(m == "attention" for m, _ in plan),
+    count = {"mamba": sum(m == "mamba" for m, _ in plan), "mamba_scan_sequential": sum(m == "mamba" for m, _ in plan),
+             "attention": sum(m == "attention" for m, _ in plan),
              "mlp": sum(not e for _, e in plan), "moe_ragged_dot": sum(e for _, e in plan),
              "moe_tiled": sum(e for _, e in plan)}
     return {name: {"layers": count[name], "min_ms_per_layer": 1e3 * min(t),
@@ -145,6 +147,7 @@ def main():
         "machine": f"{platform.machine()}, {jax.local_devices()[0].device_kind}, jax {jax.__version__} "
                    f"on {jax.default_backend()}",
         "date": time.strftime("%Y-%m-%d"),
+        "cpus_allowed": len(os.sched_getaffinity(0)),
         "config": args.config,
         "default_grouped_matmul": moe.grouped_matmul(),
         "experts_ffn": [ffn_rows(config, t, args.repeats) for t in (1, 8, 256, 1024)],
