@@ -44,13 +44,10 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _program_bytes(compiled) -> dict:
+def _temp_bytes(compiled) -> int:
+    """Scratch bytes of a compiled program (0 where the backend does not report)."""
     m = compiled.memory_analysis()
-    if m is None:  # some backends do not report
-        return {}
-    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+    return 0 if m is None else int(m.temp_size_in_bytes)
 
 
 def memory_plan(config, mesh, *, context: int, batch: int = 1, dtype="bfloat16", quantize: str | None = None,
@@ -99,7 +96,7 @@ def memory_plan(config, mesh, *, context: int, batch: int = 1, dtype="bfloat16",
         prefill = _prefill_chunk.lower(proxy_params, proxy_cache, tokens((batch, chunk), jnp.int32),
                                        tokens((batch, chunk), jnp.bool_), key, spec=spec).compile()
         decode = _decode_step.lower(proxy_params, proxy_cache, tokens((batch,), jnp.int32), key, spec=spec).compile()
-    prefill_temp, decode_temp = (_program_bytes(c).get("temp", 0) for c in (prefill, decode))
+    prefill_temp, decode_temp = _temp_bytes(prefill), _temp_bytes(decode)
     return {
         "devices": int(np.prod(list(mesh.shape.values()))),
         "mesh": dict(mesh.shape),

@@ -149,9 +149,11 @@ def param_shardings(mesh: Mesh, params: Any) -> Any:
     ``QuantizedWeight``'s ``scale`` drops the contraction axis of its weight), same tree structure."""
     from .quant import QuantizedWeight, quantized_sharding
 
+    place = param_sharding_fn(mesh)
+
     def one(path, leaf):
         weight = leaf.q if isinstance(leaf, QuantizedWeight) else leaf
-        sharding = NamedSharding(mesh, spec_for(mesh, weight.shape, param_logical_axes(path, len(weight.shape))))
+        sharding = place(path, weight)
         return quantized_sharding(sharding, len(weight.shape)) if isinstance(leaf, QuantizedWeight) else sharding
 
     flat = traverse_util.flatten_dict(params, is_leaf=lambda _, v: isinstance(v, QuantizedWeight))
