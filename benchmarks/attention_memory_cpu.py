@@ -28,9 +28,9 @@ MLP, float32, batch 1. The child:
 host, allocator slack. It is bounded when it does not rise with the prompt length. For scale, the
 report also gives the bytes one ``[chunk, max_len]`` fp32 score tensor over all query heads would take.
 
-Two series: ``default`` (``--lengths``, ``--new-tokens`` 4: ``max_len`` is the padded prompt plus one
-chunk, as ``generate`` picks it) and ``aligned`` (``--aligned-lengths``, as few new tokens as make
-``max_len`` a multiple of 512). ``--update`` keeps the series of ``--out`` that are not run.
+Two series: ``default`` (``--lengths``, ``--new-tokens`` 4) and ``aligned`` (``--aligned-lengths``, one
+new token). Both now get ``generate``'s cache length (``generate.prefill_layout``: whole 512-key blocks);
+the results in ``docs/attention.md`` were measured when ``default`` used the padded prompt plus one chunk. ``--update`` keeps the series of ``--out`` that are not run.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def child(length: int, chunk: int, new_tokens: int, seed: int) -> dict:
     import jamba_jax
     from jamba_jax import JambaConfig
     from jamba_jax.cache import cache_bytes, cache_shapes
-    from jamba_jax.generate import _decode_loop, _decode_step, _prefill_chunk, _spec, bucket_length
+    from jamba_jax.generate import _decode_loop, _decode_step, _prefill_chunk, _spec, prefill_layout
 
     t_start = time.perf_counter()
     config = dataclasses.replace(JambaConfig.named("jamba-tiny"), **MODEL)
@@ -101,11 +101,9 @@ def child(length: int, chunk: int, new_tokens: int, seed: int) -> dict:
 
     # Step 2: the long prompt's own programs at generate's shapes (see generate._prefill), compiled
     # ahead of time (this fills jit's cache: the measured run compiles none of them).
-    padded = bucket_length(length, chunk)
-    if new_tokens == 0:  # as few new tokens as make max_len a multiple of attention's 512-key block
-        new_tokens = next(n for n in range(1, 4097) if -(-(padded + n) // chunk) * chunk % 512 == 0)
-    max_len = -(-(padded + new_tokens) // chunk) * chunk
-    step = min(chunk, padded)
+    new_tokens = new_tokens or 1  # generate's cache is always whole 512-key blocks (the "aligned" series)
+    padded, max_len, pieces = prefill_layout(length, new_tokens, chunk)
+    step = pieces[-1]  # the full chunk (the prompt lengths here are whole chunks)
     spec = _spec(model, 0.0, None, None)
     cache = cache_shapes(config, 1, max_len, model.dtype)
     ids, valid = jax.ShapeDtypeStruct((1, step), jnp.int32), jax.ShapeDtypeStruct((1, step), bool)

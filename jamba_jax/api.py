@@ -26,7 +26,7 @@ from .sharding import param_sharding_fn
 
 TOKENIZER_FILE = "tokenizer.json"
 # One flag for every kernel: the (scan_impl, moe_impl, attn_impl) each value selects.
-KERNELS = {"xla": ("associative", "xla", "xla"), "pallas": ("pallas", "pallas", "pallas"),
+KERNELS = {"xla": ("xla", "xla", "xla"), "pallas": ("pallas", "pallas", "pallas"),
            "pallas-interpret": ("pallas-interpret", "pallas-interpret", "pallas-interpret")}
 
 
@@ -60,7 +60,7 @@ class Jamba:
     config: JambaConfig
     params: Any
     tokenizer: Any = None
-    scan_impl: str = "associative"
+    scan_impl: str = "xla"
     checkpoint_dir: Path | None = None  # where generation_config.json and the chat template are read
     moe_impl: str = "xla"
     quantize: str | None = None

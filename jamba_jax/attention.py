@@ -54,13 +54,18 @@ KEY_BLOCK = 512
 
 def _partial(q, k, v, mask):
     """Softmax statistics of one key block: running max ``m`` and sum ``l`` ``[b, h, g, q]`` and the
-    unnormalised output ``acc`` ``[b, h, g, q, d]``, all fp32."""
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask, s, _NEG)
+    unnormalised output ``acc`` ``[b, h, g, q, d]``, all fp32.
+
+    The scale goes on q and q is put head-major first, so that both products come out of
+    ``dot_general`` in the layout the softmax uses: written as einsums over q's own layout, XLA
+    computes ``k @ q^T`` and transposes the whole score block (on CPU, 3x the block's time)."""
+    q = jnp.moveaxis(q * q.shape[-1] ** -0.5, 1, 3)  # [b, h, g, q, d]
+    batch_dims = ((0, 1), (0, 2))  # (b, h) of q/p against (b, h) of k/v [b, k, h, d]
+    s = jax.lax.dot_general(q, k, (((4,), (3,)), batch_dims), preferred_element_type=jnp.float32)
+    s = jnp.where(mask, s, _NEG)  # [b, h, g, q, k]
     m = s.max(axis=-1)
     p = jnp.exp(s - m[..., None])
-    acc = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = jax.lax.dot_general(p.astype(v.dtype), v, (((4,), (1,)), batch_dims), preferred_element_type=jnp.float32)
     return m, p.sum(axis=-1), acc
 
 
@@ -91,7 +96,8 @@ def _pad_keys(k, v, kv_valid, block: int):
 
 def blocked_attention(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK):
     """Flash-style attention: a ``lax.scan`` over key blocks with an online softmax, so at most one
-    ``[q_len, block_k]`` block of scores per head exists at a time. Shapes as in ``attend``."""
+    ``[q_len, block_k]`` block of scores per head exists at a time; blocks past the last query's slot
+    are skipped. Shapes as in ``attend``."""
     block_k = min(block_k, k.shape[1])
     k, v, kv_valid = _pad_keys(k, v, kv_valid, block_k)
     n_blocks = k.shape[1] // block_k
@@ -99,10 +105,15 @@ def blocked_attention(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK):
 
     def step(stats, i):
         start = i * block_k
-        kb = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1)
-        mask = position_mask(q_start, q_len, kv_valid, start, block_k)
-        return _merge(stats, _partial(q, kb, vb, mask)), None
+
+        def add_block(stats):
+            kb = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1)
+            return _merge(stats, _partial(q, kb, vb, position_mask(q_start, q_len, kv_valid, start, block_k)))
+
+        # A block after the last query's slot (the unfilled end of a cache) is masked for every query:
+        # skipped. Block 0 never is, so a fully masked (padding) query still gets a finite average.
+        return jax.lax.cond(start <= q_start + q_len - 1, add_block, lambda stats: stats, stats), None
 
     init = (jnp.full((batch, n_kv, group, q_len), _NEG), jnp.zeros((batch, n_kv, group, q_len)),
             jnp.zeros((batch, n_kv, group, q_len, hd)))

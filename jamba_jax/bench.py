@@ -229,22 +229,20 @@ def _row(length: int, new: int, prefill_s: float, decode_s: float, latency_s: fl
 
 def warm_up_jamba(model: Jamba, prompt: list[int], new: int) -> None:
     """Compiles what ``generate(model, [prompt], max_new_tokens=new)`` runs, without running it: the
-    prefill chunk for this cache shape (run once, on the first chunk) and the decode loop (run with the
+    prefill program of each piece shape for this cache shape (each run once) and the decode loop (run with the
     first token as its EOS, so it stops at once). Falls back to one untimed ``generate`` call if the
     generation internals differ from what this expects."""
     gen = importlib.import_module("jamba_jax.generate")  # the package's `generate` is the function
     try:
-        chunk = gen.DEFAULT_CHUNK
         spec = gen._spec(model, 0.0, None, None)
-        length = gen.bucket_length(len(prompt), chunk)
-        max_len = -(-(length + new) // chunk) * chunk
+        length, max_len, pieces = gen.prefill_layout(len(prompt), new)
         pad_id = model.config.pad_token_id or 0
         ids, valid = gen._left_pad([prompt], length, pad_id)
-        step = min(chunk, length)
         cache = init_cache(model.config, 1, max_len, model.dtype)
         _, key = jax.random.split(jax.random.key(0))  # what generate runs besides the two programs
         jax.block_until_ready((jnp.asarray((-1,), jnp.int32), jnp.int32(pad_id)))
-        first, cache = gen._prefill_chunk(model.params, cache, ids[:, :step], valid[:, :step], key, spec=spec)
+        for size in sorted(set(pieces)):  # one prefill program per piece shape
+            first, cache = gen._prefill_chunk(model.params, cache, ids[:, :size], valid[:, :size], key, spec=spec)
         out, _ = gen._decode_loop(model.params, cache, first, key, first.astype(jnp.int32), jnp.int32(pad_id),
                                   spec=spec, max_new_tokens=new)
         jax.block_until_ready(out)

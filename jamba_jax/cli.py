@@ -216,8 +216,8 @@ def add_train_parser(sub) -> None:
     train.add_argument("--alpha", type=float, default=0.0, help="activation-loss weight (0 = off; paper: 1e-5)")
     train.add_argument("--aux-coef", type=float, default=None, help="router aux-loss weight (default: config's)")
     train.add_argument("--remat", action="store_true", help="gradient checkpointing per block")
-    train.add_argument("--scan-impl", default="associative", choices=["associative", "sequential"],
-                       help="selective scan (sequential is faster for training on CPU)")
+    train.add_argument("--scan-impl", default="xla", choices=["xla", "associative", "sequential"],
+                       help="selective scan (xla: sequential on CPU, associative elsewhere)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train a byte-level BPE)")
     train.add_argument("--vocab-size", type=int, default=None, help="BPE vocab size (default: the config's)")

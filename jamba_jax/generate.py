@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -72,12 +71,27 @@ class _Spec:
         return sample(logits[:, -1], key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
+def _pow2_bucket(n: int, chunk: int) -> int:
+    return min(chunk, max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()))
+
+
 def bucket_length(n: int, chunk: int = DEFAULT_CHUNK) -> int:
-    """Padded prompt length: the next power of two (at least 16) up to ``chunk``, then the next multiple
-    of ``chunk``. A new prompt length rarely means a new compile."""
-    if n <= chunk:
-        return min(chunk, max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()))
-    return -(-n // chunk) * chunk
+    """Padded prompt length: whole chunks for all but the last ``n % chunk`` tokens, which get the next
+    power of two (at least 16). Prefill pieces then come from a fixed small set of shapes, so a new prompt
+    length rarely means a new compile, and padding stays below half the last piece."""
+    full, rest = divmod(n, chunk)
+    return full * chunk + (_pow2_bucket(rest, chunk) if rest or not full else 0)
+
+
+def prefill_layout(prompt_len: int, max_new_tokens: int, chunk: int = DEFAULT_CHUNK):
+    """What ``generate`` runs for a batch whose longest prompt has ``prompt_len`` tokens: the padded length
+    (``bucket_length``), the cache length (room for the new tokens, rounded up to whole key blocks of the
+    attention, so it rarely changes and attention never pads, i.e. copies, K/V) and the lengths of the
+    prefill pieces in order (the short one first: the left padding lives there)."""
+    length = bucket_length(prompt_len, chunk)
+    max_len = -(-(length + max_new_tokens) // KEY_BLOCK) * KEY_BLOCK
+    full, rest = divmod(length, chunk)
+    return length, max_len, (rest,) * bool(rest) + (chunk,) * full
 
 
 # The cache is donated: its buffers are updated in place rather than copied (a 256K-token cache is GBs).
@@ -163,20 +177,18 @@ def _left_pad(prompts: list[list[int]], length: int, pad_id: int):
 
 
 def _prefill(model: Jamba, spec: _Spec, prompts, max_new_tokens: int, chunk: int, key):
-    length = bucket_length(max(map(len, prompts)), chunk)
+    length, max_len, pieces = prefill_layout(max(map(len, prompts)), max_new_tokens, chunk)
     pad_id = model.config.pad_token_id or 0
     ids, valid = _left_pad(prompts, length, pad_id)
-    # Rounded so the cache shape rarely changes, and to whole key blocks so attention never pads (copies) K/V.
-    unit = math.lcm(chunk, KEY_BLOCK)
-    max_len = -(-(length + max_new_tokens) // unit) * unit
     cache = init_cache(model.config, len(prompts), max_len, model.dtype)
     if model.mesh is not None:
         cache = jax.device_put(cache, cache_shardings(model.mesh, cache))
-    step = min(chunk, length)
-    for start in range(0, length, step):
+    start = 0
+    for size in pieces:
         key, sub = jax.random.split(key)
-        first, cache = _prefill_chunk(model.params, cache, ids[:, start:start + step],
-                                      valid[:, start:start + step], sub, spec=spec)
+        first, cache = _prefill_chunk(model.params, cache, ids[:, start:start + size],
+                                      valid[:, start:start + size], sub, spec=spec)
+        start += size
     return first, cache, key
 
 

@@ -56,7 +56,7 @@ class Mamba(nn.Module):
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
-    scan_impl: str = "associative"
+    scan_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, token_valid, cache=None):

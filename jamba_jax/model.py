@@ -30,7 +30,7 @@ class DecoderLayer(nn.Module):
     mixer: str
     moe: bool
     dtype: Dtype = jnp.float32
-    scan_impl: str = "associative"
+    scan_impl: str = "xla"
     moe_impl: str = "xla"
     attn_impl: str = "xla"
 
@@ -61,7 +61,7 @@ class Block(nn.Module):
     config: JambaConfig
     positions: Sequence[int]
     dtype: Dtype = jnp.float32
-    scan_impl: str = "associative"
+    scan_impl: str = "xla"
     moe_impl: str = "xla"
     attn_impl: str = "xla"
 
@@ -95,7 +95,7 @@ class JambaLM(nn.Module):
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
-    scan_impl: str = "associative"
+    scan_impl: str = "xla"
     moe_impl: str = "xla"
     remat: bool = False
     attn_impl: str = "xla"

@@ -1,5 +1,6 @@
 """Mamba-1 selective scan: the sequential oracle and the chunked associative (parallel) scan, and
-the dispatch (``selective_scan(..., impl=...)``) to them and to the Pallas GPU kernel.
+the dispatch (``selective_scan(..., impl=...)``) to them, to the one suited to the backend (``"xla"``,
+the default) and to the Pallas GPU kernel.
 
 Both functions share one signature with the Pallas kernel in ``pallas_kernels.selective_scan``:
 
@@ -48,19 +49,22 @@ def _gate(y, x, D, z):
 
 
 def selective_scan_sequential(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None):
-    """The oracle: one ``lax.scan`` step per position. See the module docstring for shapes."""
+    """The oracle: one ``lax.scan`` step per position. See the module docstring for shapes.
+
+    The loop carries the state as ``[batch, d_state, d_inner]``: with channels innermost, every array the
+    step broadcasts runs along the contiguous axis (on CPU 1.2x faster than ``[.., d_inner, d_state]``)."""
     x, dt, B, C, D, z, h0 = _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask)
-    A = A.astype(_F32)
+    A_t = A.astype(_F32).T  # [d_state, d_inner]
 
     def step(h, inputs):
         x_t, dt_t, B_t, C_t = inputs  # [batch, d_inner], [batch, d_inner], [batch, d_state] x2
-        dA = jnp.exp(dt_t[..., None] * A)
-        h = dA * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
-        return h, jnp.einsum("bds,bs->bd", h, C_t)
+        dA = jnp.exp(dt_t[:, None, :] * A_t)
+        h = dA * h + (dt_t * x_t)[:, None, :] * B_t[..., None]
+        return h, jnp.einsum("bsd,bs->bd", h, C_t)
 
     seq_first = lambda a: jnp.swapaxes(a, 0, 1)
-    h_last, y = lax.scan(step, h0, tuple(map(seq_first, (x, dt, B, C))))
-    return _gate(seq_first(y), x, D, z), h_last
+    h_last, y = lax.scan(step, jnp.swapaxes(h0, 1, 2), tuple(map(seq_first, (x, dt, B, C))))
+    return _gate(seq_first(y), x, D, z), jnp.swapaxes(h_last, 1, 2)
 
 
 def _combine(left, right):
@@ -110,14 +114,24 @@ PALLAS_SCAN_CONFIG = dict(variant="segmented", block_d=32, chunk=4, segments=Non
 PALLAS_UPDATE_MAX_BATCH = 32
 
 
+def selective_scan_xla(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None):
+    """The XLA scan for the backend: the sequential ``lax.scan`` on CPU, the associative scan elsewhere.
+
+    On CPU one fused loop body per position beats the associative scan, whose log-depth levels each
+    write ``[batch, chunk, d_inner, d_state]`` operands to memory (a Mamba layer of a 256-token prefill
+    chunk: 5.8x faster sequential; docs/generate.md). Accelerators gain from the parallel scan."""
+    fn = selective_scan_sequential if jax.default_backend() == "cpu" else selective_scan_associative
+    return fn(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
+
+
 def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, interpret=False):
-    """The Pallas kernel on GPU (or in interpret mode); off GPU, the associative scan. A single
+    """The Pallas kernel on GPU (or in interpret mode); off GPU, ``selective_scan_xla``. A single
     position (a decode step) goes through the Pallas state update (batch <= ``PALLAS_UPDATE_MAX_BATCH``)
     or the fused XLA one.
     ``pallas_kernels`` is imported here, so the XLA impls never import Pallas. Under a mesh the kernel runs
     on each device's shard of the batch and channels (``sharding.per_shard``)."""
     if not interpret and jax.default_backend() != "gpu":
-        return selective_scan_associative(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
+        return selective_scan_xla(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
     from pallas_kernels import selective_scan as kernels
 
     if initial_state is None:
@@ -146,16 +160,17 @@ def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None,
 
 
 SCAN_IMPLS = {
+    "xla": selective_scan_xla,
     "sequential": selective_scan_sequential,
     "associative": selective_scan_associative,
-    # The Pallas kernel on GPU; the associative scan on other backends.
+    # The Pallas kernel on GPU; "xla" on other backends.
     "pallas": _selective_scan_pallas,
     # The Pallas kernel in interpret mode on any backend (slow; for tests).
     "pallas-interpret": functools.partial(_selective_scan_pallas, interpret=True),
 }
 
 
-def selective_scan(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, impl="associative"):
+def selective_scan(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, impl="xla"):
     """Dispatches to the implementation named ``impl`` (a key of ``SCAN_IMPLS``)."""
     try:
         fn = SCAN_IMPLS[impl]

@@ -128,7 +128,7 @@ class TrainConfig:
     aux_loss_coef: float | None = None
     activations: tuple[str, ...] = ACTIVATIONS
     remat: bool = False
-    scan_impl: str = "associative"
+    scan_impl: str = "xla"
 
     def schedule(self) -> optax.Schedule:
         warmup = min(self.warmup_steps, max(self.steps - 1, 0))

@@ -44,6 +44,17 @@ def test_blocked_equals_naive(batch, q_len, k_len, n_kv, group, block, pads):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-5)
 
 
+def test_blocked_skips_future_blocks_exactly():
+    """A chunk early in a long cache: key blocks after its last query are skipped (``lax.cond``), blocks
+    before it and the one it ends in are not; a row of padding queries stays finite."""
+    q, k, v, start, valid = case(3, 2, 16, 160, 2, 2, left_pad=(0, 30), q_start=20)
+    ref = naive_attention(q, k, v, start, valid)
+    got = blocked_attention(q, k, v, start, valid, block_k=32)  # queries at 20..35: blocks 2-4 skipped
+    real = real_queries(valid, start, 16)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(got)).all()
+
+
 @pytest.mark.parametrize("k_len,splits,n_kv,group,pads,q_start", [
     (100, 7, 2, 4, (10, 0), 99),   # the last slot, splits not dividing the length
     (64, 16, 1, 8, (0,), 40),      # a cache filled to slot 40 of 64: later slots are masked

@@ -12,7 +12,7 @@ import jamba_jax
 from hf_reference import make_checkpoint
 from jamba_jax import JambaConfig, JambaLM
 from jamba_jax.cache import init_cache
-from jamba_jax.generate import bucket_length, generate
+from jamba_jax.generate import bucket_length, generate, prefill_layout
 from jamba_jax.sampling import filter_logits, sample
 from test_padding_and_structure import random_model
 
@@ -50,6 +50,9 @@ def test_chunked_prefill_equals_one_shot():
     one_shot = generate(model, prompts, max_new_tokens=6, chunk_size=64, stop_ids=[])
     chunked = generate(model, prompts, max_new_tokens=6, chunk_size=16, stop_ids=[])
     assert chunked.tokens == one_shot.tokens
+    # 37 tokens in chunks of 32: a 16-token piece (the left padding and 5 tokens), then a whole chunk.
+    assert prefill_layout(37, 6, 32)[2] == (16, 32)
+    assert generate(model, prompts, max_new_tokens=6, chunk_size=32, stop_ids=[]).tokens == one_shot.tokens
 
 
 def test_greedy_equals_step_by_step_argmax_of_full_forward():
@@ -96,7 +99,17 @@ def test_greedy_batch_equals_hf_generate(tmp_path, name):
 
 
 def test_bucket_lengths():
-    assert [bucket_length(n, 256) for n in (1, 16, 17, 200, 256, 257, 600)] == [16, 16, 32, 256, 256, 512, 768]
+    assert [bucket_length(n, 256) for n in (1, 16, 17, 200, 256, 257, 600)] == [16, 16, 32, 256, 256, 272, 640]
+
+
+def test_prefill_layout():
+    """Pieces cover the padded prompt, short one first; the cache holds the new tokens in whole key blocks."""
+    for n, new, chunk in [(1, 1, 256), (257, 64, 256), (600, 512, 256), (1024, 64, 256), (1100, 8, 1024)]:
+        length, max_len, pieces = prefill_layout(n, new, chunk)
+        assert length == bucket_length(n, chunk) == sum(pieces) >= n
+        assert all(p == chunk for p in pieces[1:]) and pieces[0] <= chunk
+        assert max_len % 512 == 0 and length + new <= max_len < length + new + 512
+    assert prefill_layout(600, 512, 256) == (640, 1536, (128, 256, 256))
 
 
 def numpy_filter(logits, top_k, top_p):

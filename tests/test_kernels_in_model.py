@@ -115,7 +115,7 @@ def test_kernel_flags():
 
     assert kernel_impls("pallas", scan_impl="sequential") == {
         "scan_impl": "sequential", "moe_impl": "pallas", "attn_impl": "pallas"}
-    assert kernel_impls() == {"scan_impl": "associative", "moe_impl": "xla", "attn_impl": "xla"}
+    assert kernel_impls() == {"scan_impl": "xla", "moe_impl": "xla", "attn_impl": "xla"}
     with pytest.raises(ValueError, match="kernels"):
         kernel_impls("cuda")
     with pytest.raises(ValueError, match="attn_impl"):
@@ -131,17 +131,19 @@ def test_pallas_interpret_forward_matches_associative():
     assert_close(got, ref, valid)
 
 
-def test_pallas_off_gpu_is_associative():
-    if jax.default_backend() == "gpu":
-        pytest.skip("the fallback is for non-GPU backends")
+def test_pallas_off_gpu_is_the_backends_xla_scan():
+    """Off GPU ``"pallas"`` runs ``"xla"``, which on CPU is the sequential scan bit for bit."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU fallback")
     rng = np.random.default_rng(1)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     args = (f(2, 9, 16), f(2, 9, 16), -jnp.exp(f(16, 4)), f(2, 9, 4), f(2, 9, 4), f(16), f(2, 9, 16), f(16))
     mask = jnp.asarray(rng.random((2, 9)) > 0.3)
-    y, h = scan_module.selective_scan(*args, mask=mask, impl="pallas")
-    y_ref, h_ref = scan_module.selective_scan(*args, mask=mask, impl="associative")
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
-    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
+    y_ref, h_ref = scan_module.selective_scan(*args, mask=mask, impl="sequential")
+    for impl in ("pallas", "xla"):
+        y, h = scan_module.selective_scan(*args, mask=mask, impl=impl)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+        np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
 
 
 def test_unused_kernel_calls_are_dead_code():
