@@ -50,7 +50,11 @@ def test_left_padding_is_exact(name, scan_impl):
     for row, s in enumerate(seqs):
         alone = np.asarray(jamba_jax.forward(model, s[None]))[0]
         got = batched[row, width - len(s):]
-        assert np.abs(got - alone).max() <= 1e-5 * np.abs(alone).max()
+        # Left padding shifts a row's positions in the associative scan's tree, so its fp32 products
+        # associate differently (1.1e-5 on this project's AMD CPU); its bound is the one test_scan.py
+        # holds the two scans to. The sequential scan has no such freedom.
+        tol = 2e-5 if scan_impl == "associative" else 1e-5
+        assert np.abs(got - alone).max() <= tol * np.abs(alone).max()
 
 
 @pytest.mark.parametrize("config", [VARIANTS["released_plan"], VARIANTS["proj_bias_no_conv_bias_tail"],
