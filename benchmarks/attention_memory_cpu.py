@@ -30,7 +30,8 @@ report also gives the bytes one ``[chunk, max_len]`` fp32 score tensor over all 
 
 Two series: ``default`` (``--lengths``, ``--new-tokens`` 4) and ``aligned`` (``--aligned-lengths``, one
 new token). Both now get ``generate``'s cache length (``generate.prefill_layout``: whole 512-key blocks);
-the results in ``docs/attention.md`` were measured when ``default`` used the padded prompt plus one chunk. ``--update`` keeps the series of ``--out`` that are not run.
+the results in ``docs/attention.md`` were measured when ``default`` used the padded prompt plus one chunk.
+``--update`` keeps the series of ``--out`` that are not run.
 """
 
 from __future__ import annotations

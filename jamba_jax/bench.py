@@ -252,7 +252,7 @@ def warm_up_jamba(model: Jamba, prompt: list[int], new: int) -> None:
 
 def time_jamba(model: Jamba, prompt: list[int], new: int) -> dict:
     """One warm run of ``jamba_jax.generate`` (greedy, no EOS), after ``warm_up_jamba``."""
-    from .generate import generate
+    from .generate import generate, prefill_layout
 
     warm_up_jamba(model, prompt, new)
     with PeakMemory() as mem:
@@ -260,7 +260,7 @@ def time_jamba(model: Jamba, prompt: list[int], new: int) -> dict:
         r = generate(model, [prompt], max_new_tokens=new, stop_ids=[])
         latency = time.perf_counter() - t0
     row = _row(len(prompt), new, r.prefill_seconds, r.decode_seconds, latency, mem, r.tokens[0])
-    max_len = -(-(len(prompt) + new) // 256) * 256
+    _, max_len, _ = prefill_layout(len(prompt), new)  # the cache generate allocated
     row.update({f"analytic_{k}": v for k, v in cache_bytes(model.config, 1, max_len, model.dtype).items()})
     return row
 
