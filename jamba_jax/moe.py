@@ -6,17 +6,19 @@ it is picked in one place, ``grouped_matmul()``, at trace time from ``jax.defaul
 - ``"ragged_dot"`` (GPU, TPU): the pairs are sorted by expert and each projection is one
   ``jax.lax.ragged_dot`` over the experts' contiguous runs of rows. The GPU benchmarks measured this path.
 - ``"tiled"`` (CPU): XLA's CPU ``ragged_dot`` runs several times slower than a dense matmul of the same
-  FLOPs, so the pairs are laid out in tiles of ``row_tile`` rows, each expert's run padded with zero rows
-  to a whole number of tiles (every tile then belongs to one expert), and a static-length loop runs the
-  whole FFN tile by tile with that tile's expert weights, skipping the tiles past the last expert's run.
-  At most ``rows + min(experts, rows) * (tile - 1)`` rows; the padding rows are zero and dropped again.
+  FLOPs, so the pairs are laid out expert by expert, each expert's run padded with zero rows to a multiple
+  of ``row_quantum(tile)`` rows (16 for the usual 64-row tile), and a static-length loop runs the whole
+  FFN piece by piece with that piece's expert weights: whole tiles of ``row_tile`` rows, then one smaller
+  piece for the rest of the run (a ``lax.switch`` over the few piece sizes), skipping the pieces past the
+  last expert's run. At most ``rows + min(experts, rows) * (quantum - 1)`` rows, rounded up to a quantum;
+  the padding rows are zero and dropped again.
   One decode token is a tile of one row per choice. The same products as ``ragged_dot``, summed in
   pieces of the contraction (``_split_dot``): fp32 results agree within 5e-7 of the largest output at
   jamba-small shapes. Reverse-differentiable (a static-length loop). ``benchmarks/moe_grouped_cpu.py``
-  times the two: 2-5x faster than CPU ``ragged_dot`` (which masks the rows and contracts over every
+  times the two: 3-6x faster than CPU ``ragged_dot`` (which masks the rows and contracts over every
   expert at once) from 2 to 2048 rows.
 
-Int8 weights (``QuantizedWeight``): on the tiled path each tile dequantizes only its expert's matrices
+Int8 weights (``QuantizedWeight``): on the tiled path each piece dequantizes only its expert's matrices
 (``_expert_dot``), so the whole expert stack never exists in float; with ``impl="pallas-interpret"``, and
 on GPU, the sorted layout with ``quant.int8_ragged_dot``, whose ``impl`` picks its kernel."""
 
@@ -56,6 +58,7 @@ def route(router_logits: jnp.ndarray, top_k: int):
 
 GROUPED_MATMULS = ("ragged_dot", "tiled")
 MAX_ROW_TILE = 128
+ROW_QUANTUM = 16
 DOT_PIECE, MAX_DOT_PIECES = 128, 8
 
 
@@ -139,37 +142,67 @@ def _expert_dot(a, w, e):
     return _split_dot(a, w[e])
 
 
+def row_quantum(tile: int) -> int:
+    """Rows each expert's run is padded to a multiple of on the ``"tiled"`` path: ``ROW_QUANTUM``, or the
+    whole tile when that is smaller, and at least a quarter tile (so a tile comes in at most 4 sizes)."""
+    return max(min(ROW_QUANTUM, tile), tile // 4)
+
+
 def _tiled_ffn(x, expert_ids, gate_proj, up_proj, down_proj):
-    """The ``"tiled"`` path: ``[tokens * k, hidden]``, the expert output of each (token, choice)."""
+    """The ``"tiled"`` path: ``[tokens * k, hidden]``, the expert output of each (token, choice).
+
+    Each expert's rows are padded to a multiple of ``q = row_quantum(tile)`` and run as whole tiles of
+    ``tile`` rows, then one smaller piece of the remaining multiple of ``q`` (a ``lax.switch`` over the
+    sizes): an expert computes fewer than ``q`` padding rows instead of fewer than ``tile``."""
     tokens, top_k = expert_ids.shape
     rows = tokens * top_k
     num_experts = gate_proj.shape[0]
     tile = row_tile(rows, num_experts)
-    num_tiles = (rows + min(num_experts, rows) * (tile - 1)) // tile  # static bound on the tiles in use
+    q = row_quantum(tile)
+    sizes = tile // q  # a piece is 1..sizes quanta
+    used = min(num_experts, rows)  # experts that can have rows
+    size = -(-(rows + used * (q - 1)) // q) * q  # static bound on the padded rows
+    num_items = size // tile + used  # static bound on the pieces: whole tiles plus one remainder each
     flat_ids = expert_ids.reshape(-1)  # [rows]
     counts = jnp.cumsum(flat_ids[:, None] == jnp.arange(num_experts), axis=0, dtype=jnp.int32)  # [rows, experts]
     ids = jnp.minimum(flat_ids, num_experts - 1)
     rank = jnp.take_along_axis(counts, ids[:, None], axis=1)[:, 0] - 1  # among its expert's rows
-    padded = -(-counts[-1] // tile) * tile  # each expert's rows, padded to whole tiles
-    ends = jnp.cumsum(padded)
-    size = num_tiles * tile
-    slot = (ends - padded)[ids] + rank  # [rows]: the padded row of each (token, choice)
+    quanta = -(-counts[-1] // q)  # [experts]: each expert's padded run, in quanta
+    starts = (jnp.cumsum(quanta) - quanta) * q
+    slot = starts[ids] + rank  # [rows]: the padded row of each (token, choice)
     slot = jnp.where(flat_ids < num_experts, slot, size)  # ids past the experts: no row, output 0
-    tile_expert = jnp.searchsorted(ends, jnp.arange(num_tiles) * tile, side="right")
-    tile_expert = jnp.minimum(tile_expert, num_experts - 1)  # tiles past ends[-1] are skipped
-    source = jnp.full((size,), tokens, jnp.int32).at[slot].set(jnp.arange(rows) // top_k, mode="drop")
-    lhs = jnp.concatenate([x, jnp.zeros_like(x[:1])])[source]  # [size, hidden]; padding reads zeros
+    # ``tile`` spare rows at the end: every piece writes a whole tile (see ``body``).
+    source = jnp.full((size + tile,), tokens, jnp.int32).at[slot].set(jnp.arange(rows) // top_k, mode="drop")
+    lhs = jnp.concatenate([x, jnp.zeros_like(x[:1])])[source]  # [size + tile, hidden]; padding reads zeros
 
-    def body(t, out):
-        def ffn(out):
-            e = tile_expert[t]
-            a = jax.lax.dynamic_slice_in_dim(lhs, t * tile, tile)
+    # The pieces, expert by expert: ``quanta // sizes`` whole tiles, then the rest (if any) as one piece.
+    pieces = quanta // sizes + (quanta % sizes > 0)  # [experts]
+    piece_ends = jnp.cumsum(pieces)
+    item = jnp.arange(num_items)
+    item_expert = jnp.minimum(jnp.searchsorted(piece_ends, item, side="right"), num_experts - 1)
+    j = item - (piece_ends - pieces)[item_expert]  # the piece's index within its expert
+    item_quanta = jnp.clip(quanta[item_expert] - j * sizes, 0, sizes)
+    item_quanta = jnp.where(item < piece_ends[-1], item_quanta, 0)  # 0: past the last piece, skipped
+    item_start = jnp.where(item_quanta > 0, starts[item_expert] + j * tile, size)  # skipped: the spare rows
+
+    def piece(n):  # the FFN on ``n`` quanta of rows at ``start`` with expert ``e``, zero-padded to a tile
+        def run(start, e):
+            a = jax.lax.dynamic_slice_in_dim(lhs, start, n * q)
             h = nn.silu(_expert_dot(a, gate_proj, e)) * _expert_dot(a, up_proj, e)
             y = _expert_dot(h, down_proj, e)
-            return jax.lax.dynamic_update_slice_in_dim(out, y, t * tile, 0)
-        return jax.lax.cond(t * tile < ends[-1], ffn, lambda out: out, out)
+            return jnp.pad(y, ((0, tile - n * q), (0, 0)))
+        return run
 
-    out = jax.lax.fori_loop(0, num_tiles, body, jnp.zeros_like(lhs))
+    branches = [lambda start, e: jnp.zeros((tile, x.shape[1]), x.dtype)] + [piece(n) for n in range(1, sizes + 1)]
+
+    # The switch only computes; the write is outside it, so the loop updates ``out`` in place (a buffer
+    # passed through the branches is copied on every step). A piece's padding rows land on the next
+    # expert's rows, which a later piece overwrites, or on the spare rows.
+    def body(i, out):
+        y = jax.lax.switch(item_quanta[i], branches, item_start[i], item_expert[i])
+        return jax.lax.dynamic_update_slice_in_dim(out, y, item_start[i], 0)
+
+    out = jax.lax.fori_loop(0, num_items, body, jnp.zeros_like(lhs))
     return out.at[slot].get(mode="fill", fill_value=0)
 
 
