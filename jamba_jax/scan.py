@@ -31,12 +31,12 @@ from .sharding import per_shard
 _F32 = jnp.float32
 
 
-def _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask):
+def _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask, softplus=jax.nn.softplus):
     """Upcasts to fp32, applies softplus and the mask (inert position = dt 0, so exp(0*A)=1 and dB x=0)."""
     batch, _, d_inner = x.shape
     d_state = B.shape[-1]
     x, B, C, z = (a.astype(_F32) for a in (x, B, C, z))
-    dt = jax.nn.softplus(dt.astype(_F32) + dt_bias.astype(_F32))
+    dt = softplus(dt.astype(_F32) + dt_bias.astype(_F32))
     if mask is not None:
         dt = jnp.where(mask[..., None], dt, 0.0)
     if initial_state is None:
@@ -48,23 +48,65 @@ def _gate(y, x, D, z):
     return (y + D * x) * jax.nn.silu(z)
 
 
-def selective_scan_sequential(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None):
-    """The oracle: one ``lax.scan`` step per position. See the module docstring for shapes.
+# Cheaper elementwise functions for the CPU scan: XLA's CPU ``exp`` (~1.4 ns an element) is most of a scan
+# step, and its ``log1p`` (~3.8 ns) most of softplus. Each is within 3e-7 relative of the float64 value.
 
-    The loop carries the state as ``[batch, d_state, d_inner]``: with channels innermost, every array the
-    step broadcasts runs along the contiguous axis (on CPU 1.2x faster than ``[.., d_inner, d_state]``)."""
-    x, dt, B, C, D, z, h0 = _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask)
+def exp_nonpositive(v):
+    """``exp(v)`` for fp32 ``v <= 0`` (``dt * A``), within 2e-7 relative of the exact value; at or
+    below -88 (where exp is subnormal or 0) it is 0. Inputs above 0 are not supported (``2^n`` would overflow).
+
+    A Cody-Waite reduction ``v = n ln2 + r``, ``|r| <= ln2 / 2``, Cephes' degree-5 minimax polynomial
+    for ``e^r``, and ``2^n`` built in the exponent bits."""
+    v = jnp.maximum(v.astype(_F32), -88.0)
+    n = jnp.floor(v * _LOG2E + 0.5)
+    r = v - n * _LN2_HI - n * _LN2_LO  # ln2 split so that n * _LN2_HI is exact
+    p = _EXP_POLY[0]
+    for c in _EXP_POLY[1:]:
+        p = p * r + c
+    two_n = lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, _F32)  # n = -127 gives 0.0
+    return (1.0 + r + r * r * p) * two_n
+
+
+def softplus_series(x):
+    """``log(1 + e^x)`` in fp32, within 3e-7 relative: ``max(x, 0) + log1p(u)``, ``u = e^-|x|`` by
+    ``exp_nonpositive``, and ``log1p(u) = 2 atanh(s)``, ``s = u / (2 + u) <= 1/3``, by its series to
+    ``s^15`` (the next term is below 1e-8 relative). 2.5x faster than ``jax.nn.softplus`` on CPU."""
+    x = x.astype(_F32)
+    u = exp_nonpositive(-jnp.abs(x))
+    s = u / (2.0 + u)
+    s2 = s * s
+    p = 1.0 / 15
+    for k in (13, 11, 9, 7, 5, 3):
+        p = p * s2 + 1.0 / k
+    return jnp.maximum(x, 0.0) + 2.0 * s * (p * s2 + 1.0)
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def _sequential(x, dt, A, B, C, D, z, dt_bias, initial_state, mask, exp=jnp.exp, softplus=jax.nn.softplus):
+    x, dt, B, C, D, z, h0 = _prepare(x, dt, B, C, D, z, dt_bias, initial_state, mask, softplus)
     A_t = A.astype(_F32).T  # [d_state, d_inner]
 
     def step(h, inputs):
         x_t, dt_t, B_t, C_t = inputs  # [batch, d_inner], [batch, d_inner], [batch, d_state] x2
-        dA = jnp.exp(dt_t[:, None, :] * A_t)
+        dA = exp(dt_t[:, None, :] * A_t)
         h = dA * h + (dt_t * x_t)[:, None, :] * B_t[..., None]
         return h, jnp.einsum("bsd,bs->bd", h, C_t)
 
     seq_first = lambda a: jnp.swapaxes(a, 0, 1)
     h_last, y = lax.scan(step, jnp.swapaxes(h0, 1, 2), tuple(map(seq_first, (x, dt, B, C))))
     return _gate(seq_first(y), x, D, z), jnp.swapaxes(h_last, 1, 2)
+
+
+def selective_scan_sequential(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None):
+    """The oracle: one ``lax.scan`` step per position. See the module docstring for shapes.
+
+    The loop carries the state as ``[batch, d_state, d_inner]``: with channels innermost, every array the
+    step broadcasts runs along the contiguous axis (on CPU 1.2x faster than ``[.., d_inner, d_state]``)."""
+    return _sequential(x, dt, A, B, C, D, z, dt_bias, initial_state, mask)
 
 
 def _combine(left, right):
@@ -115,13 +157,15 @@ PALLAS_UPDATE_MAX_BATCH = 32
 
 
 def selective_scan_xla(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None):
-    """The XLA scan for the backend: the sequential ``lax.scan`` on CPU, the associative scan elsewhere.
+    """The XLA scan for the backend: the sequential ``lax.scan`` on CPU (with ``exp_nonpositive`` and
+    ``softplus_series``, which take ~15% off its time), the associative scan elsewhere.
 
     On CPU one fused loop body per position beats the associative scan, whose log-depth levels each
     write ``[batch, chunk, d_inner, d_state]`` operands to memory (a Mamba layer of a 256-token prefill
     chunk: 5.8x faster sequential; docs/generate.md). Accelerators gain from the parallel scan."""
-    fn = selective_scan_sequential if jax.default_backend() == "cpu" else selective_scan_associative
-    return fn(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
+    if jax.default_backend() == "cpu":
+        return _sequential(x, dt, A, B, C, D, z, dt_bias, initial_state, mask, exp_nonpositive, softplus_series)
+    return selective_scan_associative(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
 
 
 def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, interpret=False):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jamba_jax.scan import selective_scan, selective_scan_associative, selective_scan_sequential
+from jamba_jax.scan import (exp_nonpositive, selective_scan, selective_scan_associative, selective_scan_sequential,
+                            selective_scan_xla, softplus_series)
 
 
 def random_inputs(rng, batch, seq, d_inner, d_state, *, with_state=False, with_mask=False):
@@ -48,7 +49,7 @@ def test_sequential_equals_associative(seq, with_state, with_mask):
         np.testing.assert_allclose(h_par, h_seq, rtol=2e-5, atol=2e-5 * np.abs(h_seq).max())
 
 
-@pytest.mark.parametrize("impl", ["sequential", "associative"])
+@pytest.mark.parametrize("impl", ["sequential", "associative", "xla"])
 def test_against_float64_oracle(impl):
     rng = np.random.default_rng(0)
     inputs, state, mask = random_inputs(rng, 3, 45, 8, 16, with_state=True, with_mask=True)
@@ -72,12 +73,33 @@ def test_split_sequence_equals_whole():
     np.testing.assert_allclose(h2, h, rtol=1e-5, atol=1e-5 * np.abs(h).max())
 
 
-def test_masked_positions_are_inert():
+@pytest.mark.parametrize("scan", [selective_scan_associative, selective_scan_xla])
+def test_masked_positions_are_inert(scan):
     rng = np.random.default_rng(4)
     inputs, state, _ = random_inputs(rng, 1, 20, 6, 4, with_state=True)
     mask = np.zeros((1, 20), bool)
-    _, h = selective_scan_associative(**inputs, initial_state=state, mask=mask)
+    _, h = scan(**inputs, initial_state=state, mask=mask)
     np.testing.assert_array_equal(h, state)
+
+
+def test_cpu_elementwise_functions_against_float64():
+    """The CPU scan's exp and softplus, over the fp32 range they meet, to their documented bounds."""
+    rng = np.random.default_rng(6)
+    v = np.concatenate([-np.logspace(-12, np.log10(87.0), 100_000), rng.uniform(-87.0, 0.0, 100_000),
+                        [0.0, -0.0]]).astype(np.float32)
+    ref = np.exp(v.astype(np.float64))
+    got = np.asarray(exp_nonpositive(v), np.float64)
+    assert np.max(np.abs(got - ref) / ref) < 2e-7
+    assert float(exp_nonpositive(np.float32(0.0))) == 1.0  # masked positions: dt = 0 keeps the state exactly
+    assert np.all(np.asarray(exp_nonpositive(np.array([-88.0, -1e4, -np.inf], np.float32))) == 0.0)
+
+    x = np.concatenate([rng.standard_normal(100_000) * 10, np.linspace(-80.0, 80.0, 10_001),
+                        [1e4, -1e4]]).astype(np.float32)
+    ref = np.logaddexp(x.astype(np.float64), 0.0)
+    got = np.asarray(softplus_series(x), np.float64)
+    live = ref > 1e-30  # below, both underflow towards 0
+    assert np.max(np.abs(got - ref)[live] / ref[live]) < 3e-7
+    assert np.all(got[~live] < 1e-30)
 
 
 def test_unknown_impl_is_a_clear_error():
