@@ -181,8 +181,8 @@ def _tiled_ffn(x, expert_ids, gate_proj, up_proj, down_proj):
     item = jnp.arange(num_items)
     item_expert = jnp.minimum(jnp.searchsorted(piece_ends, item, side="right"), num_experts - 1)
     j = item - (piece_ends - pieces)[item_expert]  # the piece's index within its expert
+    # 0 past the last piece (skipped): there j >= pieces of the last expert, so j * sizes >= its quanta.
     item_quanta = jnp.clip(quanta[item_expert] - j * sizes, 0, sizes)
-    item_quanta = jnp.where(item < piece_ends[-1], item_quanta, 0)  # 0: past the last piece, skipped
     item_start = jnp.where(item_quanta > 0, starts[item_expert] + j * tile, size)  # skipped: the spare rows
 
     def piece(n):  # the FFN on ``n`` quanta of rows at ``start`` with expert ``e``, zero-padded to a tile
