@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jamba_jax.scan import (exp_nonpositive, selective_scan, selective_scan_associative, selective_scan_sequential,
+from jamba_jax.scan import (exp2_nonpositive, exp_nonpositive, selective_scan, selective_scan_associative, selective_scan_sequential,
                             selective_scan_xla, softplus_series)
 
 
@@ -92,6 +92,14 @@ def test_cpu_elementwise_functions_against_float64():
     assert np.max(np.abs(got - ref) / ref) < 2e-7
     assert float(exp_nonpositive(np.float32(0.0))) == 1.0  # masked positions: dt = 0 keeps the state exactly
     assert np.all(np.asarray(exp_nonpositive(np.array([-88.0, -1e4, -np.inf], np.float32))) == 0.0)
+
+    w = np.concatenate([-np.logspace(-12, np.log10(126.0), 100_000), rng.uniform(-126.0, 0.0, 100_000),
+                        [0.0, -0.0, -0.5, -1.5, -125.5]]).astype(np.float32)  # halves: where rounding ties
+    ref = np.exp2(w.astype(np.float64))
+    got = np.asarray(exp2_nonpositive(w), np.float64)
+    assert np.max(np.abs(got - ref) / ref) < 2e-7
+    assert float(exp2_nonpositive(np.float32(0.0))) == 1.0
+    assert np.all(np.asarray(exp2_nonpositive(np.array([-127.0, -1e4, -np.inf], np.float32))) == 0.0)
 
     x = np.concatenate([rng.standard_normal(100_000) * 10, np.linspace(-80.0, 80.0, 10_001),
                         [1e4, -1e4]]).astype(np.float32)
