@@ -51,8 +51,13 @@ def _gate(y, x, D, z):
 # Cheaper elementwise functions for the CPU scan: XLA's CPU ``exp`` (~1.4 ns an element) is most of a scan
 # step, and its ``log1p`` (~3.8 ns) most of softplus. Each is within 3e-7 relative of the float64 value.
 
+def _pow2(n):
+    """``2^n`` for integer-valued fp32 ``n`` in [-127, 0], built in the exponent bits (-127 gives 0.0)."""
+    return lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, _F32)
+
+
 def exp_nonpositive(v):
-    """``exp(v)`` for fp32 ``v <= 0`` (``dt * A``), within 2e-7 relative of the exact value; at or
+    """``exp(v)`` for fp32 ``v <= 0`` (``softplus_series``'s ``e^-|x|``), within 2e-7 relative of the exact value; at or
     below -88 (where exp is subnormal or 0) it is 0. Inputs above 0 are not supported (``2^n`` would overflow).
 
     A Cody-Waite reduction ``v = n ln2 + r``, ``|r| <= ln2 / 2``, Cephes' degree-5 minimax polynomial
@@ -63,8 +68,7 @@ def exp_nonpositive(v):
     p = _EXP_POLY[0]
     for c in _EXP_POLY[1:]:
         p = p * r + c
-    two_n = lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, _F32)  # n = -127 gives 0.0
-    return (1.0 + r + r * r * p) * two_n
+    return (1.0 + r + r * r * p) * _pow2(n)
 
 
 def exp2_nonpositive(w):
@@ -81,8 +85,7 @@ def exp2_nonpositive(w):
     p = _EXP2_POLY[-1]
     for c in _EXP2_POLY[-2::-1]:
         p = p * f + c
-    two_n = lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, _F32)  # n = -127 gives 0.0
-    return (1.0 + f * p) * two_n
+    return (1.0 + f * p) * _pow2(n)
 
 
 def softplus_series(x):

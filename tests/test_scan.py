@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from jamba_jax.scan import (exp2_nonpositive, exp_nonpositive, selective_scan, selective_scan_associative, selective_scan_sequential,
-                            selective_scan_xla, softplus_series)
+from jamba_jax.scan import (exp2_nonpositive, exp_nonpositive, selective_scan, selective_scan_associative,
+                            selective_scan_sequential, selective_scan_xla, softplus_series)
 
 
 def random_inputs(rng, batch, seq, d_inner, d_state, *, with_state=False, with_mask=False):
