@@ -420,7 +420,7 @@ def train(config: JambaConfig, data: str | Path, out: str | Path, tc: TrainConfi
     train_tokens, eval_tokens = tokens[:len(tokens) - n_eval], tokens[len(tokens) - n_eval:]
 
     trainer = Trainer(config, tc, mesh=mesh)
-    state = trainer.init_state(jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed)))
+    state = trainer.init_state(init_params(config, jax.random.key(seed)))
     checkpoints = TrainCheckpoints(out / "train_state", keep=keep)
     start = 0
     if checkpoints.latest_step() is not None:

@@ -20,8 +20,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jamba_jax  # noqa: E402
-from jamba_jax import JambaConfig, init_params  # noqa: E402
+from jamba_jax import JambaConfig  # noqa: E402
 from jamba_jax.sharding import param_shardings  # noqa: E402
+from random_weights import random_params  # noqa: E402
 
 # Layer 0: Mamba + MoE (8 experts, top-2), layer 1: attention (8 heads, 4 kv heads) + dense MLP; one block.
 CONFIG = dataclasses.replace(
@@ -30,13 +31,6 @@ CONFIG = dataclasses.replace(
     hidden_size=64, intermediate_size=64, vocab_size=128)
 MESHES = {"8x1": dict(tensor=8), "4x2": dict(tensor=4, expert=2), "2x4": dict(tensor=2, expert=4),
           "dp2": dict(data=2, tensor=2, expert=2)}
-
-
-def random_params(config, seed=0):
-    params = init_params(config, jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
 
 
 def inputs():

@@ -11,7 +11,7 @@ from jamba_jax import JambaConfig
 from jamba_jax.attention import blocked_attention, naive_attention, split_k_attention
 from jamba_jax.cache import init_cache
 from jamba_jax.generate import _prefill_chunk, _spec
-from test_padding_and_structure import random_model
+from random_weights import random_model
 
 
 def case(seed, batch, q_len, k_len, n_kv, group, hd=8, left_pad=(0,), q_start=None):

@@ -14,7 +14,7 @@ from jamba_jax import JambaConfig, JambaLM
 from jamba_jax.cache import init_cache
 from jamba_jax.generate import bucket_length, generate, prefill_layout
 from jamba_jax.sampling import filter_logits, sample
-from test_padding_and_structure import random_model
+from random_weights import random_model
 
 # A short block (attention 2/1, experts 2/0) keeps compiles cheap: 2 scanned blocks + a 1-layer tail.
 TINY = dataclasses.replace(JambaConfig.named("jamba-tiny"), num_hidden_layers=5, attn_layer_period=2,

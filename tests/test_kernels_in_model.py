@@ -4,7 +4,6 @@ decode attention), for a left-padded prefill and decode steps through the cache;
 is the XLA path; ``kernels=`` selects every implementation at once."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 
 import jamba_jax
-from jamba_jax import JambaConfig, JambaLM, init_params
+from jamba_jax import JambaConfig, JambaLM
 from jamba_jax import scan as scan_module
 from jamba_jax.cache import init_cache
 from pallas_kernels import selective_scan as kernels
+from random_weights import random_params
 
 TOL = 1e-5
 # Layers mamba, attention, mamba (one scanned block); dense MLPs keep compile times short.
@@ -24,19 +24,6 @@ CONFIG = dataclasses.replace(JambaConfig.named("jamba-tiny"), num_hidden_layers=
 PROMPT, DECODE_STEPS, BATCH = 19, 2, 2
 # On a GPU the same tests check the compiled kernel (run with JAX_DEFAULT_MATMUL_PRECISION=highest).
 PALLAS = "pallas" if jax.default_backend() == "gpu" else "pallas-interpret"
-
-
-@functools.cache
-def random_params():
-    def draw(key):
-        params = init_params(CONFIG, key)
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-        # Larger than the 0.02 init so that every branch matters.
-        return jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype)
-                                         for p, k in zip(leaves, keys)])
-
-    return jax.jit(draw)(jax.random.key(0))  # jitted: eager Flax init takes seconds longer
 
 
 def inputs():
@@ -75,7 +62,7 @@ def test_pallas_interpret_decode_matches_associative(monkeypatch):
     "segmented" since the minimum segment length is lowered to 8) and decode steps (the Pallas state update)."""
     monkeypatch.setattr(kernels, "_MIN_SEG_LEN", 8)
     assert kernels._segment_length(PROMPT, scan_module.PALLAS_SCAN_CONFIG["chunk"], None, 8)[1] == 2
-    params = random_params()
+    params = random_params(CONFIG)
     ref, ref_cache = decode(params, "associative")
     got, got_cache = decode(params, PALLAS)
     _, valid = inputs()
@@ -87,7 +74,7 @@ def test_pallas_interpret_decode_matches_associative(monkeypatch):
 
 def test_pallas_attention_decode_matches_xla():
     """Prefill through the cache (flash kernel) and decode steps (split-K decode kernel)."""
-    params = random_params()
+    params = random_params(CONFIG)
     ref, ref_cache = decode(params, "associative")
     got, got_cache = decode(params, "associative", PALLAS)
     _, valid = inputs()
@@ -100,7 +87,7 @@ def test_pallas_attention_decode_matches_xla():
 @pytest.mark.slow  # interpret-mode kernels through generate: minutes on CPU; run with -m slow (and on GPU)
 def test_all_kernels_forward_and_generate_match_xla():
     """``with_kernels`` reaches every layer: the padded forward without a cache, and greedy generation."""
-    model = jamba_jax.Jamba(CONFIG, random_params())
+    model = jamba_jax.Jamba(CONFIG, random_params(CONFIG))
     kernels_model = model.with_kernels(PALLAS)
     assert (kernels_model.scan_impl, kernels_model.moe_impl, kernels_model.attn_impl) == (PALLAS,) * 3
     ids, valid = inputs()
@@ -124,7 +111,7 @@ def test_kernel_flags():
 
 def test_pallas_interpret_forward_matches_associative():
     """``Jamba.scan_impl`` reaches the Mamba layers: the plain padded forward, without a cache."""
-    model = jamba_jax.Jamba(CONFIG, random_params(), scan_impl=PALLAS)
+    model = jamba_jax.Jamba(CONFIG, random_params(CONFIG), scan_impl=PALLAS)
     ids, valid = inputs()
     got = jamba_jax.forward(model, ids, valid)
     ref = jamba_jax.forward(model.replace(scan_impl="associative"), ids, valid)
