@@ -178,8 +178,9 @@ class Attention(nn.Module):
     """GQA self-attention: ``[batch, seq, hidden]`` -> ``[batch, seq, hidden]`` in ``dtype``.
 
     Without ``cache`` it attends within ``x`` (causal + ``token_valid`` padding mask). With ``cache``
-    (``{"key", "value"}: [batch, max_len, kv_heads, head_dim]``) it writes the new keys/values at slot
-    ``pos``, attends over the cache under ``kv_valid [batch, max_len]`` and returns the updated cache too.
+    (``{"key", "value"}: [batch, max_len, kv_heads, head_dim]``, or ``[blocks, batch, ...]`` with ``block``
+    the index of this layer's block) it writes the new keys/values at slot ``pos``, attends over the cache
+    under ``kv_valid [batch, max_len]`` and returns the updated cache too.
     ``impl`` is ``attend``'s.
     """
 
@@ -188,7 +189,7 @@ class Attention(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
+    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None, block=None):
         cfg = self.config
         batch, seq, _ = x.shape
         n_kv, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -201,11 +202,17 @@ class Attention(nn.Module):
         v = constrain(v.reshape(batch, seq, n_kv, hd), "batch", "seq", "kv_heads", "head_dim")
         if cache is None:
             out = attend(q, k, v, 0, token_valid, impl=self.impl)
-        else:
+        elif block is None:
             start = (0, pos, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
             cache = {"key": k, "value": v}
+            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), pos, kv_valid, impl=self.impl)
+        else:  # the K/V of every scanned block, [blocks, batch, max_len, ...]: write and read block ``block``'s
+            start = (block, 0, pos, 0, 0)
+            cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k[None].astype(cache["key"].dtype), start),
+                     "value": jax.lax.dynamic_update_slice(cache["value"], v[None].astype(cache["value"].dtype), start)}
+            k, v = (jax.lax.dynamic_index_in_dim(cache[n], block, keepdims=False) for n in ("key", "value"))
             out = attend(q, k.astype(self.dtype), v.astype(self.dtype), pos, kv_valid, impl=self.impl)
         out = Linear(cfg.hidden_size, dtype=self.dtype, name="o_proj")(out.reshape(batch, seq, -1))
         return out, cache

@@ -25,7 +25,8 @@ from .sharding import constrain
 
 class DecoderLayer(nn.Module):
     """``h = x + mixer(input_layernorm(x))``; ``out = h + ffn(pre_ff_layernorm(h))``.
-    Returns ``(out, new_cache)``; ``cache`` is this layer's entry of the decode cache or None."""
+    Returns ``(out, new_cache)``; ``cache`` is this layer's entry of the decode cache or None. An attention
+    layer's K/V may be the stacks of all scanned blocks, with ``block`` its index (see ``Block``)."""
 
     config: JambaConfig
     mixer: str
@@ -36,11 +37,12 @@ class DecoderLayer(nn.Module):
     attn_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
+    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None, block=None):
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         if self.mixer == ATTENTION:
-            h, cache = Attention(cfg, self.dtype, self.attn_impl, name="self_attn")(h, token_valid, cache, pos, kv_valid)
+            h, cache = Attention(cfg, self.dtype, self.attn_impl, name="self_attn")(h, token_valid, cache, pos, kv_valid,
+                                                                                   block)
         else:
             h, cache = Mamba(cfg, self.dtype, self.scan_impl, name="mamba")(h, token_valid, cache)
         self.sow("intermediates", f"{self.mixer}_out", h)  # "mamba_out" / "attention_out", for training losses
@@ -57,7 +59,13 @@ class DecoderLayer(nn.Module):
 
 class Block(nn.Module):
     """Consecutive layers at the given positions of the repeating layer plan (``layer_{j}``).
-    ``cache`` is ``{"layer_{j}": entry}`` or None; returns ``(x, new_cache)``."""
+
+    ``carry`` is ``(x, kv)``: ``kv`` holds the attention layers' cache entries (``{"layer_{j}": {"key",
+    "value"}}``, or None without a cache), ``cache`` the Mamba layers' (or None). Returns ``((x, kv),
+    new_mamba_cache)``. Scanned, ``kv`` is carried whole, stacked over the blocks, and ``block`` is this
+    block's index into it: each step writes its new keys in place and reads its own slice. Passing the K/V
+    in and out as scanned slices instead made XLA copy every buffer several times per decode step (at an
+    8K context, 13.7 ms a token against 5.6 ms at 1K, on CPU)."""
 
     config: JambaConfig
     positions: Sequence[int]
@@ -67,16 +75,31 @@ class Block(nn.Module):
     attn_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None):
+    def __call__(self, carry, token_valid, cache=None, pos=None, kv_valid=None, block=None):
+        x, kv = carry
+        kv = None if kv is None else dict(kv)
         new_cache = None if cache is None else {}
         for j in self.positions:
-            name = f"layer_{j}"
-            layer = DecoderLayer(self.config, self.config.mixer_type(j), self.config.is_moe(j), self.dtype,
+            name, mixer = f"layer_{j}", self.config.mixer_type(j)
+            layer = DecoderLayer(self.config, mixer, self.config.is_moe(j), self.dtype,
                                  self.scan_impl, self.moe_impl, self.attn_impl, name=name)
-            x, entry = layer(x, token_valid, None if cache is None else cache[name], pos, kv_valid)
-            if cache is not None:
-                new_cache[name] = entry
-        return x, new_cache
+            if mixer == ATTENTION:
+                x, entry = layer(x, token_valid, None if kv is None else kv[name], pos, kv_valid, block)
+                if kv is not None:
+                    kv[name] = entry
+            else:
+                x, entry = layer(x, token_valid, None if cache is None else cache[name], pos, kv_valid)
+                if cache is not None:
+                    new_cache[name] = entry
+        return (x, kv), new_cache
+
+
+def _split_cache(config: JambaConfig, entries):
+    """A ``blocks`` or ``tail`` cache as (attention entries, Mamba entries); (None, None) without a cache."""
+    if entries is None:
+        return None, None
+    attention = {n: e for n, e in entries.items() if config.mixer_type(int(n.split("_")[1])) == ATTENTION}
+    return attention, {n: e for n, e in entries.items() if n not in attention}
 
 
 class JambaLM(nn.Module):
@@ -119,19 +142,22 @@ class JambaLM(nn.Module):
         if cfg.num_blocks:
             block = nn.remat(Block, prevent_cse=False) if self.remat else Block
             blocks = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=cfg.num_blocks)
+                             in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0), length=cfg.num_blocks)
             scanned = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, self.moe_impl,
                              self.attn_impl, name="blocks")
-            x, entries = scanned(x, token_valid, None if cache is None else cache["blocks"], pos, kv_valid)
+            kv, mamba = _split_cache(cfg, None if cache is None else cache["blocks"])
+            index = None if cache is None else jnp.arange(cfg.num_blocks)
+            (x, kv), mamba = scanned((x, kv), token_valid, mamba, pos, kv_valid, index)
             if cache is not None:
-                new_cache["blocks"] = entries
+                new_cache["blocks"] = {**mamba, **kv}
         if cfg.num_tail_layers:
             layers = tuple(range(cfg.num_tail_layers))
             block = nn.remat(Block) if self.remat else Block
             tail = block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, self.attn_impl, name="tail")
-            x, entries = tail(x, token_valid, None if cache is None else cache["tail"], pos, kv_valid)
+            kv, mamba = _split_cache(cfg, None if cache is None else cache["tail"])
+            (x, kv), mamba = tail((x, kv), token_valid, mamba, pos, kv_valid)
             if cache is not None:
-                new_cache["tail"] = entries
+                new_cache["tail"] = {**mamba, **kv}
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_layernorm")(x)
