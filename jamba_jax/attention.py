@@ -200,19 +200,18 @@ class Attention(nn.Module):
         q = constrain(q.reshape(batch, seq, n_kv, group, hd), "batch", "seq", "kv_heads", None, "head_dim")
         k = constrain(k.reshape(batch, seq, n_kv, hd), "batch", "seq", "kv_heads", "head_dim")
         v = constrain(v.reshape(batch, seq, n_kv, hd), "batch", "seq", "kv_heads", "head_dim")
-        if cache is None:
-            out = attend(q, k, v, 0, token_valid, impl=self.impl)
-        elif block is None:
-            start = (0, pos, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
-            cache = {"key": k, "value": v}
-            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), pos, kv_valid, impl=self.impl)
-        else:  # the K/V of every scanned block, [blocks, batch, max_len, ...]: write and read block ``block``'s
-            start = (block, 0, pos, 0, 0)
-            cache = {"key": jax.lax.dynamic_update_slice(cache["key"], k[None].astype(cache["key"].dtype), start),
-                     "value": jax.lax.dynamic_update_slice(cache["value"], v[None].astype(cache["value"].dtype), start)}
-            k, v = (jax.lax.dynamic_index_in_dim(cache[n], block, keepdims=False) for n in ("key", "value"))
-            out = attend(q, k.astype(self.dtype), v.astype(self.dtype), pos, kv_valid, impl=self.impl)
+        q_start, valid = 0, token_valid
+        if cache is not None:
+            q_start, valid = pos, kv_valid
+            if block is None:  # this layer's buffers
+                start, new = (0, pos, 0, 0), (k, v)
+            else:  # every scanned block's buffers, [blocks, batch, max_len, ...]: block ``block`` writes its slice
+                start, new = (block, 0, pos, 0, 0), (k[None], v[None])
+            cache = {n: jax.lax.dynamic_update_slice(cache[n], a.astype(cache[n].dtype), start)
+                     for n, a in zip(("key", "value"), new)}
+            k, v = (cache[n] if block is None else jax.lax.dynamic_index_in_dim(cache[n], block, keepdims=False)
+                    for n in ("key", "value"))
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        out = attend(q, k, v, q_start, valid, impl=self.impl)
         out = Linear(cfg.hidden_size, dtype=self.dtype, name="o_proj")(out.reshape(batch, seq, -1))
         return out, cache

@@ -63,9 +63,8 @@ class Block(nn.Module):
     ``carry`` is ``(x, kv)``: ``kv`` holds the attention layers' cache entries (``{"layer_{j}": {"key",
     "value"}}``, or None without a cache), ``cache`` the Mamba layers' (or None). Returns ``((x, kv),
     new_mamba_cache)``. Scanned, ``kv`` is carried whole, stacked over the blocks, and ``block`` is this
-    block's index into it: each step writes its new keys in place and reads its own slice. Passing the K/V
-    in and out as scanned slices instead made XLA copy every buffer several times per decode step (at an
-    8K context, 13.7 ms a token against 5.6 ms at 1K, on CPU)."""
+    block's index into it: each step writes its new keys in place and reads its own slice. Passed in and
+    out as scanned slices, the K/V buffers were copied several times per decode step (docs/generate.md)."""
 
     config: JambaConfig
     positions: Sequence[int]
@@ -94,11 +93,11 @@ class Block(nn.Module):
         return (x, kv), new_cache
 
 
-def _split_cache(config: JambaConfig, entries):
+def _split_cache(entries):
     """A ``blocks`` or ``tail`` cache as (attention entries, Mamba entries); (None, None) without a cache."""
     if entries is None:
         return None, None
-    attention = {n: e for n, e in entries.items() if config.mixer_type(int(n.split("_")[1])) == ATTENTION}
+    attention = {n: e for n, e in entries.items() if "key" in e}
     return attention, {n: e for n, e in entries.items() if n not in attention}
 
 
@@ -145,7 +144,7 @@ class JambaLM(nn.Module):
                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0), length=cfg.num_blocks)
             scanned = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, self.moe_impl,
                              self.attn_impl, name="blocks")
-            kv, mamba = _split_cache(cfg, None if cache is None else cache["blocks"])
+            kv, mamba = _split_cache(None if cache is None else cache["blocks"])
             index = None if cache is None else jnp.arange(cfg.num_blocks)
             (x, kv), mamba = scanned((x, kv), token_valid, mamba, pos, kv_valid, index)
             if cache is not None:
@@ -154,7 +153,7 @@ class JambaLM(nn.Module):
             layers = tuple(range(cfg.num_tail_layers))
             block = nn.remat(Block) if self.remat else Block
             tail = block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, self.attn_impl, name="tail")
-            kv, mamba = _split_cache(cfg, None if cache is None else cache["tail"])
+            kv, mamba = _split_cache(None if cache is None else cache["tail"])
             (x, kv), mamba = tail((x, kv), token_valid, mamba, pos, kv_valid)
             if cache is not None:
                 new_cache["tail"] = {**mamba, **kv}
