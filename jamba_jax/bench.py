@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .api import Jamba
-from .cache import cache_bytes, init_cache
+from .cache import cache_bytes
 from .config import JambaConfig
 
 DEFAULT_CONFIG = "jamba-small"
@@ -236,17 +236,9 @@ def warm_up_jamba(model: Jamba, prompt: list[int], new: int) -> None:
     gen = importlib.import_module("jamba_jax.generate")  # the package's `generate` is the function
     try:
         spec = gen._spec(model, 0.0, None, None)
-        length, max_len, pieces = gen.prefill_layout(len(prompt), new)
         pad_id = model.config.pad_token_id or 0
-        ids, valid = gen._left_pad([prompt], length, pad_id)
-        cache = init_cache(model.config, 1, max_len, model.dtype)
-        _, key = jax.random.split(jax.random.key(0))  # what generate runs besides the two programs
-        jax.block_until_ready((jnp.asarray((-1,), jnp.int32), jnp.int32(pad_id)))
-        start = 0
-        for size in pieces:
-            first, cache = gen._prefill_chunk(model.params, cache, ids[:, start:start + size],
-                                              valid[:, start:start + size], key, spec=spec)
-            start += size
+        jax.block_until_ready((jnp.asarray((-1,), jnp.int32), jnp.int32(pad_id)))  # generate's small arrays
+        first, cache, key = gen._prefill(model, spec, [prompt], new, gen.DEFAULT_CHUNK, jax.random.key(0))
         out, _ = gen._decode_loop(model.params, cache, first, key, first.astype(jnp.int32), jnp.int32(pad_id),
                                   spec=spec, max_new_tokens=new)
         jax.block_until_ready(out)

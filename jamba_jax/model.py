@@ -82,14 +82,10 @@ class Block(nn.Module):
             name, mixer = f"layer_{j}", self.config.mixer_type(j)
             layer = DecoderLayer(self.config, mixer, self.config.is_moe(j), self.dtype,
                                  self.scan_impl, self.moe_impl, self.attn_impl, name=name)
-            if mixer == ATTENTION:
-                x, entry = layer(x, token_valid, None if kv is None else kv[name], pos, kv_valid, block)
-                if kv is not None:
-                    kv[name] = entry
-            else:
-                x, entry = layer(x, token_valid, None if cache is None else cache[name], pos, kv_valid)
-                if cache is not None:
-                    new_cache[name] = entry
+            entries, new_entries = (kv, kv) if mixer == ATTENTION else (cache, new_cache)
+            x, entry = layer(x, token_valid, None if entries is None else entries[name], pos, kv_valid, block)
+            if new_entries is not None:
+                new_entries[name] = entry
         return (x, kv), new_cache
 
 
