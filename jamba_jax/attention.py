@@ -123,21 +123,21 @@ def blocked_attention(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK):
 
 def split_k_attention(q, k, v, q_start, kv_valid, *, num_splits: int = 16):
     """Decode attention: the key range is cut into ``num_splits`` parts whose partial softmaxes are
-    computed in parallel (not one after another) and merged. Shapes as in ``attend``."""
+    computed in parallel (not one after another) and merged. Shapes as in ``attend``.
+
+    The parts are a reshape of K/V, not slices: vmapped ``dynamic_slice`` becomes a gather, which on CPU
+    ran 2.9x slower than the whole attention at 8K keys and grew faster than the key count."""
     length = k.shape[1]
     num_splits = max(1, min(num_splits, length))
     block = -(-length // num_splits)
     k, v, kv_valid = _pad_keys(k, v, kv_valid, block)
-    q_len = q.shape[1]
-
-    def one_split(i):
-        start = i * block
-        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=1)
-        return _partial(q, kb, vb, position_mask(q_start, q_len, kv_valid, start, block))
-
-    m, l, acc = jax.vmap(one_split)(jnp.arange(k.shape[1] // block))  # leading split axis
-    m_all = m.max(axis=0)
+    batch, q_len = q.shape[:2]
+    n = k.shape[1] // block
+    k, v = (a.reshape(batch, n, block, *a.shape[2:]) for a in (k, v))
+    mask = position_mask(q_start, q_len, kv_valid, 0, n * block)
+    mask = mask.reshape(*mask.shape[:-1], n, block)
+    m, l, acc = jax.vmap(lambda kb, vb, mb: _partial(q, kb, vb, mb), in_axes=(1, 1, -2))(k, v, mask)
+    m_all = m.max(axis=0)  # [split, b, h, g, q] -> [b, h, g, q]
     w = jnp.exp(m - m_all)
     return _finish((m_all, (l * w).sum(0), (acc * w[..., None]).sum(0)), q.dtype)
 
