@@ -192,7 +192,8 @@ def cmd_generate(args) -> int:
         result = done.value
     final = result.text[0]
     print(final[len(printed):] if final.startswith(printed) else "", flush=True)
-    print(f"[{len(result.tokens[0])} tokens; prefill {result.prefill_seconds:.2f} s "
+    print(f"[{len(result.tokens[0])} tokens; compile {result.compile_seconds:.2f} s; "
+          f"prefill {result.prefill_seconds:.2f} s "
           f"({result.prefill_tokens_per_second:,.0f} tok/s); decode {result.decode_tokens_per_second:,.1f} tok/s]",
           file=sys.stderr)
     return 0

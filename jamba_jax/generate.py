@@ -32,13 +32,16 @@ MIN_BUCKET = 16
 @dataclasses.dataclass
 class GenerationResult:
     """New tokens per prompt (EOS included when generated; nothing after it), their text when the model
-    has a tokenizer, and timings. ``decode_tokens_per_second`` counts tokens of all rows."""
+    has a tokenizer, and timings: ``compile_seconds`` is the time JAX spent tracing and compiling during
+    the call (the first call at a new shape), which ``prefill_seconds`` and ``decode_seconds`` leave out.
+    ``decode_tokens_per_second`` counts tokens of all rows."""
 
     tokens: list[list[int]]
     text: list[str] | None
     prompt_lengths: list[int]
     prefill_seconds: float
     decode_seconds: float
+    compile_seconds: float = 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -69,6 +72,29 @@ class _Spec:
 
     def sample(self, logits, key):
         return sample(logits[:, -1], key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+class _CompileClock:
+    """Adds up the seconds JAX reports spending on tracing, lowering and compiling (top-level ``jit``
+    calls, any thread) while entered; ``seconds`` keeps growing over several entries."""
+
+    EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
+                        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                        "/jax/core/compile/backend_compile_duration"})
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration: float, **_):
+        if event in self.EVENTS:
+            self.seconds += duration
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def _pow2_bucket(n: int, chunk: int) -> int:
@@ -267,42 +293,44 @@ def generate(model: Jamba, prompts, *, max_new_tokens: int = 64, temperature: fl
 
 def _run(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> GenerationResult:
     t0 = time.perf_counter()
-    with mesh_context(model):
+    with mesh_context(model), _CompileClock() as clock:
         first, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
         first.block_until_ready()
-        t1 = time.perf_counter()
+        t1, prefill_compile = time.perf_counter(), clock.seconds
         pad_id = model.config.pad_token_id or 0
         out, _ = _decode_loop(model.params, cache, first, key, jnp.asarray(eos or (-1,), jnp.int32),
                               jnp.int32(pad_id), spec=spec, max_new_tokens=max_new_tokens)
         out = np.asarray(out)
     t2 = time.perf_counter()
-    return _finish(model, out, encoded, eos, stop, t1 - t0, t2 - t1)
+    return _finish(model, out, encoded, eos, stop, t1 - t0 - prefill_compile,
+                   t2 - t1 - (clock.seconds - prefill_compile), clock.seconds)
 
 
-def _finish(model, out, encoded, eos, stop, prefill_s, decode_s) -> GenerationResult:
+def _finish(model, out, encoded, eos, stop, prefill_s, decode_s, compile_s) -> GenerationResult:
     tokens = [_truncate(row, eos) for row in np.asarray(out)]
     text = None
     if model.tokenizer is not None:
         cut = [_cut_at_stop(model.tokenizer, t, stop or ()) for t in tokens]
         tokens, text = [c[0] for c in cut], [c[1] for c in cut]
-    return GenerationResult(tokens, text, [len(p) for p in encoded], prefill_s, decode_s)
+    return GenerationResult(tokens, text, [len(p) for p in encoded], prefill_s, decode_s, compile_s)
 
 
 def _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> Iterator[list]:
+    clock = _CompileClock()  # entered, like the mesh, around this code only: the caller's runs between yields
     t0 = time.perf_counter()
-    with mesh_context(model):  # entered per call: the caller's code runs between the yields
+    with mesh_context(model), clock:
         token, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
-    token = np.asarray(token)
-    t1 = time.perf_counter()
+        token = np.asarray(token)
+    t1, prefill_compile = time.perf_counter(), clock.seconds
     batch = len(encoded)
     rows = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
     for step in range(max_new_tokens):
         if step:
             key, sub = jax.random.split(key)
-            with mesh_context(model):
+            with mesh_context(model), clock:
                 token, cache = _decode_step(model.params, cache, jnp.asarray(token), sub, spec=spec)
-            token = np.asarray(token)
+                token = np.asarray(token)
         emitted = []
         for row in range(batch):
             if done[row]:
@@ -318,4 +346,6 @@ def _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -
     pad_id = model.config.pad_token_id or 0
     width = max(map(len, rows))
     out = np.array([r + [pad_id] * (width - len(r)) for r in rows])
-    return _finish(model, out, encoded, eos, stop, t1 - t0, time.perf_counter() - t1)
+    decode_compile = clock.seconds - prefill_compile
+    return _finish(model, out, encoded, eos, stop, t1 - t0 - prefill_compile,
+                   time.perf_counter() - t1 - decode_compile, clock.seconds)

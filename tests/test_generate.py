@@ -1,6 +1,7 @@
 """Cache, prefill and decode against full forwards and HF `generate`; sampling; streaming; the CLI."""
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,32 @@ def test_stream_equals_batch_and_eos_stops_a_row():
     assert streamed.tokens == result.tokens
     assert [s[0] for s in steps if s[0] is not None] == result.tokens[0]
     assert steps[4][0] is None  # row 0 has stopped
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_compile_time_is_reported_apart(stream):
+    """The first call at new shapes compiles: that time is ``compile_seconds``, not prefill or decode."""
+    model = random_model(TINY)
+    new = 9 + stream  # decode-loop lengths no other test compiles
+
+    def run():
+        t0 = time.perf_counter()
+        result = generate(model, [list(range(3, 3 + 41 + stream))], max_new_tokens=new, stop_ids=[], stream=stream)
+        if stream:
+            try:
+                while True:
+                    next(result)
+            except StopIteration as done:
+                result = done.value
+        return result, time.perf_counter() - t0
+
+    first, wall = run()
+    assert first.compile_seconds > 0
+    assert first.prefill_seconds + first.decode_seconds + first.compile_seconds <= wall
+    # The tiny model runs in milliseconds and compiles in seconds: timings that held the compile would not pass.
+    assert first.prefill_seconds + first.decode_seconds < 0.25 * first.compile_seconds
+    again, _ = run()
+    assert again.compile_seconds == 0.0 and again.tokens == first.tokens
 
 
 @pytest.mark.parametrize("kwargs,message", [
