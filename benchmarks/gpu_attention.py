@@ -178,14 +178,21 @@ def rel_err(got, ref, real=None):
 def make_qkv(key, batch, q_len, k_len, n_kv, group, hd, dtype):
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (batch, q_len, n_kv, group, hd), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (batch, k_len, n_kv, hd), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (batch, k_len, n_kv, hd), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (batch, n_kv, k_len, hd), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (batch, n_kv, k_len, hd), jnp.float32).astype(dtype)
     return q, k, v
 
 
+def seq_major(args):
+    """(q, k, v, start) with K/V moved to ``[batch, k_len, kv_heads, head_dim]``, cuDNN's layout (done
+    before timing, so that cuDNN is timed on its own layout)."""
+    q, k, v, start = args
+    return jax.block_until_ready((q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), start))
+
+
 def cudnn_attention(q, k, v, causal):
-    """``jax.nn.dot_product_attention`` (cuDNN) in this project's layout: q ``[b, t, kv, g, d]`` as
-    ``[b, t, kv * g, d]`` (query head n uses kv head n // g, as here), K/V not repeated."""
+    """``jax.nn.dot_product_attention`` (cuDNN): q ``[b, t, kv, g, d]`` as ``[b, t, kv * g, d]`` (query
+    head n uses kv head n // g, as here), K/V ``[b, k_len, kv, d]`` (``seq_major``), not repeated."""
     b, t, n_kv, g, d = q.shape
     out = jax.nn.dot_product_attention(q.reshape(b, t, n_kv * g, d), k, v, is_causal=causal,
                                        implementation="cudnn")
@@ -373,7 +380,8 @@ def main():
             if not have_time(f"prefill {impl} {case} L={L}", 5, a.decode_reserve):
                 continue
             try:
-                out = time_row("prefill", impl, config, case, L, q_len, fn, args, flops=flops, note=note)
+                out = time_row("prefill", impl, config, case, L, q_len, fn,
+                               seq_major(args) if impl == "cudnn" else args, flops=flops, note=note)
                 if impl in ("pallas", "xla"):
                     outs[impl] = out
             except Exception as e:
@@ -418,7 +426,8 @@ def main():
             if not have_time(f"decode {impl} L={L}", 5):
                 continue
             try:
-                out = time_row("decode", impl, config, "dec", L, 1, fn, args, kv_bytes=kv_bytes, note=note)
+                out = time_row("decode", impl, config, "dec", L, 1, fn, seq_major(args) if impl == "cudnn" else args,
+                               kv_bytes=kv_bytes, note=note)
                 if impl in ("pallas", "xla"):
                     outs[impl] = out
             except Exception as e:

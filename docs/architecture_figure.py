@@ -110,7 +110,7 @@ def draw(out: Path) -> None:
     lines = [
         ("Cache (one pytree laid out like the params)", "bold"),
         ("pos []  int32: filled slots;  valid [batch, max_len] bool", "normal"),
-        ("attention layer: key, value [blocks, batch, max_len, kv_heads, head_dim]", "normal"),
+        ("attention layer: key, value [blocks, batch, kv_heads, max_len, head_dim]", "normal"),
         ("Mamba layer: conv [blocks, batch, d_conv - 1, d_inner];", "normal"),
         ("             ssm [blocks, batch, d_inner, d_state] float32", "normal"),
         (f"Mini at 256K: {human(at['kv_cache_bytes'])} K/V + {human(at['mamba_state_bytes'])} Mamba state", "normal"),

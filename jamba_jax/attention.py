@@ -16,16 +16,16 @@ from .sharding import constrain, per_shard
 def dot_product_attention(q, k, v, mask):
     """Softmax attention with fp32 scores and softmax.
 
-    q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, k_len, kv_heads, head_dim]``;
+    q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, kv_heads, k_len, head_dim]``;
     mask broadcastable to ``[batch, kv_heads, group, q_len, k_len]`` (True = attend).
     Returns ``[batch, q_len, kv_heads, group, head_dim]`` in ``q.dtype``. Fully masked rows (a query
     that is itself padding) give a uniform average instead of NaN; their outputs are never used.
     """
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return jnp.einsum("bhgqk,bhkd->bqhgd", probs, v)
 
 
 def position_mask(q_start, q_len: int, kv_valid, key_start=0, key_len=None):
@@ -43,7 +43,7 @@ def position_mask(q_start, q_len: int, kv_valid, key_start=0, key_len=None):
 
 def naive_attention(q, k, v, q_start, kv_valid):
     """Reference: all scores at once. Shapes as in ``attend``."""
-    return dot_product_attention(q, k, v, position_mask(q_start, q.shape[1], kv_valid, 0, k.shape[1]))
+    return dot_product_attention(q, k, v, position_mask(q_start, q.shape[1], kv_valid, 0, k.shape[2]))
 
 
 _NEG = jnp.finfo(jnp.float32).min
@@ -60,12 +60,12 @@ def _partial(q, k, v, mask):
     ``dot_general`` in the layout the softmax uses: written as einsums over q's own layout, XLA
     computes ``k @ q^T`` and transposes the whole score block (on CPU, 3x the block's time)."""
     q = jnp.moveaxis(q * q.shape[-1] ** -0.5, 1, 3)  # [b, h, g, q, d]
-    batch_dims = ((0, 1), (0, 2))  # (b, h) of q/p against (b, h) of k/v [b, k, h, d]
+    batch_dims = ((0, 1), (0, 1))  # (b, h) of q/p against (b, h) of k/v [b, h, k, d]
     s = jax.lax.dot_general(q, k, (((4,), (3,)), batch_dims), preferred_element_type=jnp.float32)
     s = jnp.where(mask, s, _NEG)  # [b, h, g, q, k]
     m = s.max(axis=-1)
     p = jnp.exp(s - m[..., None])
-    acc = jax.lax.dot_general(p.astype(v.dtype), v, (((4,), (1,)), batch_dims), preferred_element_type=jnp.float32)
+    acc = jax.lax.dot_general(p.astype(v.dtype), v, (((4,), (2,)), batch_dims), preferred_element_type=jnp.float32)
     return m, p.sum(axis=-1), acc
 
 
@@ -83,12 +83,12 @@ def _finish(stats, dtype):
 
 def _pad_keys(k, v, kv_valid, block: int):
     """Pads the key axis to a multiple of ``block`` with slots that are never valid."""
-    batch, length = k.shape[:2]
+    batch, length = k.shape[0], k.shape[2]
     pad = -length % block
     if kv_valid is None:
         kv_valid = jnp.ones((batch, length), bool)
     if pad:
-        widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
+        widths = [(0, 0), (0, 0), (0, pad), (0, 0)]
         k, v = jnp.pad(k, widths), jnp.pad(v, widths)
         kv_valid = jnp.pad(kv_valid, [(0, 0), (0, pad)])
     return k, v, kv_valid
@@ -98,17 +98,17 @@ def blocked_attention(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK):
     """Flash-style attention: a ``lax.scan`` over key blocks with an online softmax, so at most one
     ``[q_len, block_k]`` block of scores per head exists at a time; blocks past the last query's slot
     are skipped. Shapes as in ``attend``."""
-    block_k = min(block_k, k.shape[1])
+    block_k = min(block_k, k.shape[2])
     k, v, kv_valid = _pad_keys(k, v, kv_valid, block_k)
-    n_blocks = k.shape[1] // block_k
+    n_blocks = k.shape[2] // block_k
     batch, q_len, n_kv, group, hd = q.shape
 
     def step(stats, i):
         start = i * block_k
 
         def add_block(stats):
-            kb = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1)
+            kb = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=2)
             return _merge(stats, _partial(q, kb, vb, position_mask(q_start, q_len, kv_valid, start, block_k)))
 
         # A block after the last query's slot (the unfilled end of a cache) is masked for every query:
@@ -127,16 +127,15 @@ def split_k_attention(q, k, v, q_start, kv_valid, *, num_splits: int = 16):
 
     The parts are a reshape of K/V, not slices: vmapped ``dynamic_slice`` becomes a gather, which on CPU
     ran 2.9x slower than the whole attention at 8K keys and grew faster than the key count."""
-    length = k.shape[1]
+    length = k.shape[2]
     num_splits = max(1, min(num_splits, length))
     block = -(-length // num_splits)
     k, v, kv_valid = _pad_keys(k, v, kv_valid, block)
-    batch, q_len = q.shape[:2]
-    n = k.shape[1] // block
-    k, v = (a.reshape(batch, n, block, *a.shape[2:]) for a in (k, v))
-    mask = position_mask(q_start, q_len, kv_valid, 0, n * block)
+    n = k.shape[2] // block
+    k, v = (a.reshape(*a.shape[:2], n, block, a.shape[3]) for a in (k, v))
+    mask = position_mask(q_start, q.shape[1], kv_valid, 0, n * block)
     mask = mask.reshape(*mask.shape[:-1], n, block)
-    m, l, acc = jax.vmap(lambda kb, vb, mb: _partial(q, kb, vb, mb), in_axes=(1, 1, -2))(k, v, mask)
+    m, l, acc = jax.vmap(lambda kb, vb, mb: _partial(q, kb, vb, mb), in_axes=(2, 2, -2))(k, v, mask)
     m_all = m.max(axis=0)  # [split, b, h, g, q] -> [b, h, g, q]
     w = jnp.exp(m - m_all)
     return _finish((m_all, (l * w).sum(0), (acc * w[..., None]).sum(0)), q.dtype)
@@ -148,8 +147,9 @@ ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
 def attend(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK, num_splits: int = 16, impl: str = "xla"):
     """Causal GQA attention of ``q_len`` queries at slots ``q_start ..`` over key slots ``0 .. k_len-1``.
 
-    q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, k_len, kv_heads, head_dim]`` (K/V are
-    never repeated per group); ``kv_valid [batch, k_len]`` bool or None. Scores and softmax in fp32.
+    q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, kv_heads, k_len, head_dim]`` (K/V are
+    never repeated per group; head-major, so that each head's keys are one contiguous matrix: seq-major
+    K/V made XLA transpose the whole cache on every CPU decode step); ``kv_valid [batch, k_len]`` bool or None. Scores and softmax in fp32.
     Returns ``[batch, q_len, kv_heads, group, head_dim]`` in ``q.dtype``. One query (decode) uses the
     split-K path, longer blocks the blocked (flash-style) path. ``impl``: ``"xla"``, ``"pallas"`` (the
     kernels of ``pallas_kernels.flash_attention`` on GPU, the XLA paths elsewhere) or
@@ -162,9 +162,9 @@ def attend(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK, num_splits: 
 
         interpret = impl == "pallas-interpret"
         kernel = kernels.decode_attention_pallas if q.shape[1] == 1 else kernels.flash_attention_pallas
-        q_axes, kv_axes = ("batch", "seq", "kv_heads", None, "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
+        q_axes, kv_axes = ("batch", "seq", "kv_heads", None, "head_dim"), ("batch", "kv_heads", "seq", "head_dim")
         if kv_valid is None:
-            kv_valid = jnp.ones(k.shape[:2], bool)
+            kv_valid = jnp.ones((k.shape[0], k.shape[2]), bool)
         q_start = jnp.asarray(q_start, jnp.int32)
         # Under a mesh, each device runs the kernel on its kv heads (and batch rows).
         return per_shard(functools.partial(kernel, interpret=interpret), (q_axes, kv_axes, kv_axes, None,
@@ -178,7 +178,7 @@ class Attention(nn.Module):
     """GQA self-attention: ``[batch, seq, hidden]`` -> ``[batch, seq, hidden]`` in ``dtype``.
 
     Without ``cache`` it attends within ``x`` (causal + ``token_valid`` padding mask). With ``cache``
-    (``{"key", "value"}: [batch, max_len, kv_heads, head_dim]``, or ``[blocks, batch, ...]`` with ``block``
+    (``{"key", "value"}: [batch, kv_heads, max_len, head_dim]``, or ``[blocks, batch, ...]`` with ``block``
     the index of this layer's block) it writes the new keys/values at slot ``pos``, attends over the cache
     under ``kv_valid [batch, max_len]`` and returns the updated cache too.
     ``impl`` is ``attend``'s.
@@ -198,15 +198,15 @@ class Attention(nn.Module):
         k = Linear(n_kv * hd, dtype=self.dtype, name="k_proj")(x)
         v = Linear(n_kv * hd, dtype=self.dtype, name="v_proj")(x)
         q = constrain(q.reshape(batch, seq, n_kv, group, hd), "batch", "seq", "kv_heads", None, "head_dim")
-        k = constrain(k.reshape(batch, seq, n_kv, hd), "batch", "seq", "kv_heads", "head_dim")
-        v = constrain(v.reshape(batch, seq, n_kv, hd), "batch", "seq", "kv_heads", "head_dim")
+        k, v = (constrain(a.reshape(batch, seq, n_kv, hd).swapaxes(1, 2), "batch", "kv_heads", "seq", "head_dim")
+                for a in (k, v))  # [batch, kv_heads, seq, head_dim]
         q_start, valid = 0, token_valid
         if cache is not None:
             q_start, valid = pos, kv_valid
             if block is None:  # this layer's buffers
-                start, new = (0, pos, 0, 0), (k, v)
-            else:  # every scanned block's buffers, [blocks, batch, max_len, ...]: block ``block`` writes its slice
-                start, new = (block, 0, pos, 0, 0), (k[None], v[None])
+                start, new = (0, 0, pos, 0), (k, v)
+            else:  # every scanned block's buffers, [blocks, batch, ...]: block ``block`` writes its slice
+                start, new = (block, 0, 0, pos, 0), (k[None], v[None])
             cache = {n: jax.lax.dynamic_update_slice(cache[n], a.astype(cache[n].dtype), start)
                      for n, a in zip(("key", "value"), new)}
             k, v = (cache[n] if block is None else jax.lax.dynamic_index_in_dim(cache[n], block, keepdims=False)

@@ -5,7 +5,7 @@ A plain pytree laid out like the params (``blocks/layer_{j}`` stacked over the s
 
 - ``pos``: int32 scalar, the number of filled slots (the same for every row: batches are left-padded)
 - ``valid``: ``[batch, max_len]`` bool, True where a slot holds a real (non-pad) token
-- attention layer: ``key``, ``value`` ``[(blocks,) batch, max_len, kv_heads, head_dim]`` in ``dtype``
+- attention layer: ``key``, ``value`` ``[(blocks,) batch, kv_heads, max_len, head_dim]`` in ``dtype``
 - Mamba layer: ``conv`` ``[(blocks,) batch, d_conv - 1, d_inner]`` in ``dtype`` (the last pre-conv
   inputs) and ``ssm`` ``[(blocks,) batch, d_inner, d_state]`` in float32 (bf16 state degrades output)
 """
@@ -20,7 +20,7 @@ from .config import ATTENTION, JambaConfig
 
 def _layer_cache(config: JambaConfig, mixer: str, lead: tuple[int, ...], batch: int, max_len: int, dtype):
     if mixer == ATTENTION:
-        shape = (*lead, batch, max_len, config.num_key_value_heads, config.head_dim)
+        shape = (*lead, batch, config.num_key_value_heads, max_len, config.head_dim)
         return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}  # two buffers: both are donated
     return {"conv": jnp.zeros((*lead, batch, config.mamba_d_conv - 1, config.d_inner), dtype),
             "ssm": jnp.zeros((*lead, batch, config.d_inner, config.mamba_d_state), jnp.float32)}

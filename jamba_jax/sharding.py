@@ -70,8 +70,8 @@ _PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
 }
 
 _CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "key": ("batch", "seq", "kv_heads", "head_dim"),
-    "value": ("batch", "seq", "kv_heads", "head_dim"),
+    "key": ("batch", "kv_heads", "seq", "head_dim"),
+    "value": ("batch", "kv_heads", "seq", "head_dim"),
     "conv": ("batch", "d_conv", "d_inner"),
     "ssm": ("batch", "d_inner", "d_state"),
     "valid": ("batch", "seq"),

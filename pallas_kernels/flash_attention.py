@@ -4,7 +4,7 @@ Same contract as ``jamba_jax.attention.attend`` (and its XLA paths ``blocked_att
 ``split_k_attention``):
 
     q         [batch, q_len, kv_heads, group, head_dim]   any float dtype
-    k, v      [batch, k_len, kv_heads, head_dim]          (never repeated per group)
+    k, v      [batch, kv_heads, k_len, head_dim]          (head-major; never repeated per group)
     q_start   int or traced int32 scalar: the slot of the first query
     kv_valid  [batch, k_len] bool, or None (all valid)
 
@@ -96,10 +96,10 @@ def _pad_axis(a, axis, size):
 
 
 def _prepare_kv(k, v, kv_valid, block_k, hd_p):
-    """Pads K/V ``[batch, k_len, kv_heads, head_dim]`` to ``[batch, k_pad, kv_heads, hd_p]`` (a copy
+    """Pads K/V ``[batch, kv_heads, k_len, head_dim]`` to ``[batch, kv_heads, k_pad, hd_p]`` (a copy
     only when a size changes) and ``kv_valid`` to int32 ``[batch, k_pad]`` (False on padded slots)."""
-    k_pad = _round_up(k.shape[1], block_k)
-    k, v = (_pad_axis(_pad_axis(a, 1, k_pad), 3, hd_p) for a in (k, v))
+    k_pad = _round_up(k.shape[2], block_k)
+    k, v = (_pad_axis(_pad_axis(a, 2, k_pad), 3, hd_p) for a in (k, v))
     if kv_valid is not None:
         kv_valid = _pad_axis(kv_valid.astype(jnp.int32), 1, k_pad)
     return k, v, kv_valid
@@ -173,7 +173,7 @@ def flash_attention_pallas(q, k, v, q_start, kv_valid, *, block_q: int = 128, bl
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
     batch, q_len, n_kv, group, hd = q.shape
-    k_len = k.shape[1]
+    k_len = k.shape[2]
     rows = q_len * group
     hd_p = max(_MIN_BLOCK, _next_pow2(hd))
     block_q = min(block_q, max(_MIN_BLOCK, _next_pow2(rows)))
@@ -184,11 +184,11 @@ def flash_attention_pallas(q, k, v, q_start, kv_valid, *, block_q: int = 128, bl
     qf = jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(batch, n_kv, rows, hd)
     qf = _pad_axis(_pad_axis(qf, 2, rows_p), 3, hd_p)
     k, v, valid = _prepare_kv(k, v, kv_valid, block_k, hd_p)
-    k_pad = k.shape[1]
+    k_pad = k.shape[2]
     start = jnp.asarray(q_start, jnp.int32).reshape(1)
 
     operands = [start, qf, k, v]
-    kv_spec = pl.BlockSpec((None, k_pad, None, hd_p), lambda b, h, j: (b, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, None, k_pad, hd_p), lambda b, h, j: (b, h, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, j: (0,)),
         pl.BlockSpec((None, None, block_q, hd_p), lambda b, h, j: (b, h, j, 0)),
@@ -268,19 +268,19 @@ def decode_attention_pallas(q, k, v, q_start, kv_valid, *, block_k: int = 64, nu
     batch, q_len, n_kv, group, hd = q.shape
     if q_len != 1:
         raise ValueError(f"decode_attention_pallas takes one query, got q_len={q_len}")
-    k_len = k.shape[1]
+    k_len = k.shape[2]
     hd_p = max(_MIN_BLOCK, _next_pow2(hd))
     rows = max(_MIN_BLOCK, _next_pow2(group))
     block_k = min(block_k, max(_MIN_BLOCK, _next_pow2(k_len)))
     k, v, valid = _prepare_kv(k, v, kv_valid, block_k, hd_p)
-    k_pad = k.shape[1]
+    k_pad = k.shape[2]
     n_k_blocks = k_pad // block_k
     splits = _auto_splits(batch, n_kv, n_k_blocks) if num_splits is None else max(1, min(num_splits, n_k_blocks))
     qf = _pad_axis(_pad_axis(q[:, 0], 2, rows), 3, hd_p)  # [batch, kv_heads, rows, hd_p]
     start = jnp.asarray(q_start, jnp.int32).reshape(1)
 
     operands = [start, qf, k, v]
-    kv_spec = pl.BlockSpec((None, k_pad, None, hd_p), lambda b, h, s: (b, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, None, k_pad, hd_p), lambda b, h, s: (b, h, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, s: (0,)),
         pl.BlockSpec((None, None, rows, hd_p), lambda b, h, s: (b, h, 0, 0)),

@@ -17,8 +17,8 @@ from random_weights import random_model
 def case(seed, batch, q_len, k_len, n_kv, group, hd=8, left_pad=(0,), q_start=None):
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.standard_normal((batch, q_len, n_kv, group, hd)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((batch, k_len, n_kv, hd)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((batch, k_len, n_kv, hd)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, n_kv, k_len, hd)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, n_kv, k_len, hd)), jnp.float32)
     valid = np.ones((batch, k_len), bool)
     for row, pad in enumerate(left_pad):
         valid[row, :pad] = False
@@ -93,8 +93,8 @@ def test_blocked_bf16_is_as_accurate_as_naive_bf16():
     rng = np.random.default_rng(0)
     errors = {"naive": [], "blocked": []}
     for _ in range(10):
-        q, k, v = (rng.standard_normal(s) * c for s, c in [((2, 40, 2, 4, 16), 2), ((2, 40, 2, 16), 2),
-                                                           ((2, 40, 2, 16), 1)])
+        q, k, v = (rng.standard_normal(s) * c for s, c in [((2, 40, 2, 4, 16), 2), ((2, 2, 40, 16), 2),
+                                                           ((2, 2, 40, 16), 1)])
         truth = np.asarray(naive_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), 0, None))
         low = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
         errors["naive"].append(np.abs(np.asarray(naive_attention(*low, 0, None), np.float32) - truth).max())

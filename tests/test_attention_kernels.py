@@ -35,12 +35,12 @@ def check(fn, q, k, v, start, valid, q_len):
 def oracle(q, k, v, start, valid):
     """float64 numpy attention, written from the masking rule."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    slots = np.arange(k.shape[1])
+    slots = np.arange(k.shape[2])
     mask = (slots[None, :] <= start + np.arange(q.shape[1])[:, None])[None] & np.asarray(valid)[:, None, :]
-    s = np.einsum("bqhgd,bkhd->bhgqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.einsum("bqhgd,bhkd->bhgqk", q, k) / np.sqrt(q.shape[-1])
     s = np.where(mask[:, None, None], s, -1e300)  # a fully masked (padding) row: uniform, not NaN
     p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("bhgqk,bkhd->bqhgd", p / p.sum(-1, keepdims=True), v)
+    return np.einsum("bhgqk,bhkd->bqhgd", p / p.sum(-1, keepdims=True), v)
 
 
 # (batch, q_len, k_len, kv_heads, group, head_dim, block_q, block_k (None: through ``attend``), left pads
@@ -126,7 +126,7 @@ def test_lowers_for_triton_gpu(dtype):
     from jax import export
 
     sd = jax.ShapeDtypeStruct
-    kv = sd((1, 300, 8, 128), dtype)
+    kv = sd((1, 8, 300, 128), dtype)
     checks = [
         (lambda q, k, v, s, m: flash_attention_pallas(q, k, v, s, m, block_q=128, block_k=64), 64),
         (lambda q, k, v, s, m: flash_attention_pallas(q, k, v, s, None), 64),

@@ -146,7 +146,7 @@ def test_unused_kernel_calls_are_dead_code():
 
     f32 = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
     x, A, B, D = f32(1, 16, 32), -f32(32, 4), f32(1, 16, 4), f32(32)
-    q, k = f32(1, 16, 2, 2, 32), f32(1, 16, 2, 32)
+    q, k = f32(1, 16, 2, 2, 32), f32(1, 2, 16, 32)
     calls = {
         "selective_scan_pallas": lambda: kernels.selective_scan_pallas(x, x, A, B, B, D, x, D),
         "selective_state_update_pallas": lambda: kernels.selective_state_update_pallas(

@@ -71,7 +71,7 @@ def test_cache_shardings_by_kv_heads_and_channels():
     assert layer["ssm"] == PartitionSpec(None, None, None, None)  # one device: nothing split
     mesh = abstract_mesh()
     k = cache["blocks"]["layer_4"]["key"]
-    assert spec_for(mesh, k.shape, ("layers", "batch", "seq", "kv_heads", "head_dim"))[3] == "tensor"
+    assert spec_for(mesh, k.shape, ("layers", "batch", "kv_heads", "seq", "head_dim"))[2] == "tensor"
 
 
 def test_make_mesh_sizes_and_errors():
