@@ -125,8 +125,8 @@ def split_k_attention(q, k, v, q_start, kv_valid, *, num_splits: int = 16):
     """Decode attention: the key range is cut into ``num_splits`` parts whose partial softmaxes are
     computed in parallel (not one after another) and merged. Shapes as in ``attend``.
 
-    The parts are a reshape of K/V, not slices: vmapped ``dynamic_slice`` becomes a gather, which on CPU
-    ran 2.9x slower than the whole attention at 8K keys and grew faster than the key count."""
+    The parts are a reshape of K/V, not slices: a vmapped ``dynamic_slice`` is a gather, whose CPU time
+    grew faster than the key count (``docs/attention.md``)."""
     length = k.shape[2]
     num_splits = max(1, min(num_splits, length))
     block = -(-length // num_splits)
@@ -147,9 +147,10 @@ ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
 def attend(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK, num_splits: int = 16, impl: str = "xla"):
     """Causal GQA attention of ``q_len`` queries at slots ``q_start ..`` over key slots ``0 .. k_len-1``.
 
-    q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, kv_heads, k_len, head_dim]`` (K/V are
-    never repeated per group; head-major, so that each head's keys are one contiguous matrix: seq-major
-    K/V made XLA transpose the whole cache on every CPU decode step); ``kv_valid [batch, k_len]`` bool or None. Scores and softmax in fp32.
+    q ``[batch, q_len, kv_heads, group, head_dim]``; k, v ``[batch, kv_heads, k_len, head_dim]`` (never
+    repeated per group; head-major, so each head's keys are one matrix, the layout both products take:
+    seq-major, XLA transposed the whole cache on every decode step); ``kv_valid [batch, k_len]`` bool or
+    None. Scores and softmax in fp32.
     Returns ``[batch, q_len, kv_heads, group, head_dim]`` in ``q.dtype``. One query (decode) uses the
     split-K path, longer blocks the blocked (flash-style) path. ``impl``: ``"xla"``, ``"pallas"`` (the
     kernels of ``pallas_kernels.flash_attention`` on GPU, the XLA paths elsewhere) or
