@@ -40,6 +40,7 @@ def _skewed_ids(tokens, num_experts, top_k, seed):
 # one-row groups; every row on one expert; larger skewed routings (row tiles > 1, some experts empty).
 ROUTINGS = {
     "decode": ([[5, 1]], 8),
+    "decode_batch": ([[5, 1], [2, 5]], 8),  # 4 rows of 8 experts: still one row at a time
     "small": ([[1, 3], [3, 5], [1, 2], [5, 3], [1, 5]], 6),
     "one_expert": ([[2, 2]] * 7, 4),
     "skewed_40": (_skewed_ids(40, 8, 2, seed=1), 8),
@@ -110,15 +111,26 @@ def test_int8_weights_on_both_paths(name):
     assert rel_err(tiled, run(x, expert_ids, weights, *projs, grouped="ragged_dot")) < 1e-6
 
 
-def test_ids_past_the_experts_contribute_nothing():
+@pytest.mark.parametrize("name", ["skewed_40", "decode_batch"])
+def test_ids_past_the_experts_contribute_nothing(name):
     """The expert-parallel MoE marks other devices' pairs with an id past the local experts."""
-    ids, num_experts = ROUTINGS["skewed_40"]
+    ids, num_experts = ROUTINGS[name]
     x, expert_ids, weights, projs = _inputs(ids, num_experts, 48, 80)
-    dropped = jnp.asarray(np.random.default_rng(6).random(expert_ids.shape) < 0.3)
+    dropped = jnp.asarray(np.arange(expert_ids.size).reshape(expert_ids.shape) % 3 == 1)
     for grouped in GROUPED_MATMULS:
         out = run(x, jnp.where(dropped, num_experts, expert_ids), weights, *projs, grouped=grouped)
         ref = run(x, expert_ids, jnp.where(dropped, 0, weights), *projs, grouped=grouped)
         assert np.abs(np.asarray(ref)).max() > 0 and rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("name,loop", [("decode", False), ("decode_batch", False), ("small", True)])
+def test_few_rows_run_one_at_a_time(name, loop):
+    """Up to half the expert count of rows, the tiled path runs each row on its own, with no loop (a loop
+    over the pieces makes XLA copy a scanned block's whole expert stack out of the stacked params)."""
+    ids, num_experts = ROUTINGS[name]
+    x, expert_ids, weights, projs = _inputs(ids, num_experts, 48, 80)
+    jaxpr = str(jax.make_jaxpr(lambda *a: experts_ffn(*a, grouped="tiled"))(x, expert_ids, weights, *projs))
+    assert ("while[" in jaxpr or "scan[" in jaxpr) == loop
 
 
 def test_default_and_unknown_grouped_matmul():
