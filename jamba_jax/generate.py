@@ -89,12 +89,17 @@ class _CompileClock:
         if event in self.EVENTS:
             self.seconds += duration
 
+    # A JAX without these hooks leaves ``seconds`` at 0 (prefill and decode times then include compiling).
     def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        register = getattr(jax.monitoring, "register_event_duration_secs_listener", None)
+        self._registered = register is not None and hasattr(jax.monitoring, "unregister_event_duration_listener")
+        if self._registered:
+            register(self._listen)
         return self
 
     def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
+        if self._registered:
+            jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def _pow2_bucket(n: int, chunk: int) -> int:
