@@ -3,7 +3,9 @@
     python3 benchmarks/gpu_generate.py --out results.json [--blocks 1] [--prompt 1024] [--new 64] [--budget 150]
 
 For each variant (bf16 and ExpertsInt8 weights, each with ``kernels="xla"`` and ``kernels="pallas"``: the
-Pallas scan, attention and int8 grouped-matmul kernels) it runs
+Pallas scan, attention and int8 grouped-matmul kernels; and bf16 ``xla`` with the MoE's decode-sized inputs
+on the CPU path's one-row-at-a-time products, ``moe._rows_ffn``, instead of ``ragged_dot``, which reads
+every expert: a what-if for the GPU default, prefill unchanged) it runs
 ``jamba_jax.generate`` once to compile, then once timed, and reports prefill tokens/s, decode tokens/s
 and the decode memory-bandwidth floor: bytes of weights one token reads (every non-expert weight plus
 top-k experts per MoE layer) over the measured device-to-device copy bandwidth. Every section is
@@ -13,6 +15,7 @@ guarded and the JSON is rewritten after each, so a failure or the time budget ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -25,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 import jamba_jax
-from jamba_jax import JambaConfig, abstract_params
+from jamba_jax import JambaConfig, abstract_params, moe
 
 
 def random_params(config, dtype, seed=0):
@@ -47,6 +50,26 @@ def random_params(config, dtype, seed=0):
         return out
 
     return traverse_util.unflatten_dict(make(jax.random.key(seed)))
+
+
+@contextlib.contextmanager
+def moe_rows_decode():
+    """Within: ``experts_ffn`` sends inputs of at most half the expert count of rows (decode) to the tiled
+    path, where they run one row at a time; larger inputs keep the backend's default. Compiled programs
+    are dropped on entry and exit (the jit caches do not see the switch)."""
+    default = moe.experts_ffn
+
+    def experts_ffn(x, expert_ids, weights, *projs_and_impl, grouped=None):
+        few = expert_ids.size <= projs_and_impl[0].shape[0] // 2
+        return default(x, expert_ids, weights, *projs_and_impl, grouped="tiled" if few else grouped)
+
+    jax.clear_caches()
+    moe.experts_ffn = experts_ffn
+    try:
+        yield
+    finally:
+        moe.experts_ffn = default
+        jax.clear_caches()
 
 
 def weight_bytes_per_token(config, params) -> int:
@@ -103,8 +126,8 @@ def main():
     jax.block_until_ready(params)
     print(f"params ready {time.perf_counter() - start:.1f}s", flush=True)
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, args.prompt).tolist()
-    variants = [("bf16 xla", "xla", False), ("bf16 pallas", "pallas", False),
-                ("int8 xla", "xla", True), ("int8 pallas", "pallas", True)]
+    variants = [("bf16 xla", "xla", False), ("bf16 xla, MoE rows decode", "xla", False),
+                ("bf16 pallas", "pallas", False), ("int8 xla", "xla", True), ("int8 pallas", "pallas", True)]
     quantized = None
     for name, kernels, int8 in variants:
         if time.perf_counter() - start > args.budget:
@@ -118,10 +141,11 @@ def main():
                 quantized = jax.block_until_ready(quantize_params(params, config))
                 out["quantize_seconds"] = time.perf_counter() - t0
             model = jamba_jax.Jamba(config, quantized if int8 else params).with_kernels(kernels)
-            t0 = time.perf_counter()
-            first = jamba_jax.generate(model, [prompt], max_new_tokens=args.new, stop_ids=[])
-            compile_s = time.perf_counter() - t0
-            r = jamba_jax.generate(model, [prompt], max_new_tokens=args.new, stop_ids=[])
+            with moe_rows_decode() if "rows decode" in name else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                first = jamba_jax.generate(model, [prompt], max_new_tokens=args.new, stop_ids=[])
+                compile_s = time.perf_counter() - t0
+                r = jamba_jax.generate(model, [prompt], max_new_tokens=args.new, stop_ids=[])
             floor_s = weight_bytes_per_token(config, model.params) / (out.get("copy_bandwidth_GBps", 1) * 1e9)
             row = {"variant": name, "first_call_s": compile_s, "compile_s": first.compile_seconds,
                    "prefill_tok_s": r.prefill_tokens_per_second,
