@@ -161,7 +161,7 @@ def main():
     result["speedup_decode"] = result["jamba_jax"]["speedup_decode"]
     mamba_only = jamba_jax.JambaConfig.from_dict({**config.to_dict(), "attn_layer_period": config.num_hidden_layers + 1,
                                                   "attn_layer_offset": config.num_hidden_layers})
-    from test_padding_and_structure import random_model  # noqa: E402
+    from random_weights import random_model  # noqa: E402
     result["decode_step_vs_position"] = {
         "hybrid": decode_step_profile(ours, [16, 1024, 4096, 16384 - 1], 16384),
         "mamba_only": decode_step_profile(random_model(mamba_only), [16, 1024, 4096, 16384 - 1], 16384),

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_padding_and_structure import random_model  # noqa: E402
+from random_weights import random_model  # noqa: E402
 
 import jamba_jax  # noqa: E402
 from jamba_jax import moe  # noqa: E402
