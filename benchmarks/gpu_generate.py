@@ -60,7 +60,7 @@ def moe_rows_decode():
     default = moe.experts_ffn
 
     def experts_ffn(x, expert_ids, weights, *projs_and_impl, grouped=None):
-        few = expert_ids.size <= projs_and_impl[0].shape[0] // 2
+        few = moe.few_rows(expert_ids, projs_and_impl[0].shape[0])
         return default(x, expert_ids, weights, *projs_and_impl, grouped="tiled" if few else grouped)
 
     jax.clear_caches()

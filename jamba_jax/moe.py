@@ -96,8 +96,7 @@ def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl: str
     quantized = any(isinstance(w, QuantizedWeight) for w in projs)
     if grouped == "tiled" and not (quantized and impl == "pallas-interpret"):  # the kernel needs the sorted layout
         projs = tuple(w if isinstance(w, QuantizedWeight) else w.astype(x.dtype) for w in projs)
-        few = expert_ids.size <= gate_proj.shape[0] // 2
-        out = (_rows_ffn if few else _tiled_ffn)(x, expert_ids, *projs)
+        out = (_rows_ffn if few_rows(expert_ids, gate_proj.shape[0]) else _tiled_ffn)(x, expert_ids, *projs)
     else:
         out = _sorted_ffn(x, expert_ids, *projs, impl)
     out = out.reshape(*expert_ids.shape, -1) * weights[..., None].astype(x.dtype)
@@ -143,6 +142,12 @@ def _expert_dot(a, w, e):
         y = jnp.dot(a, w.q[e].astype(a.dtype), preferred_element_type=jnp.float32) * w.scale[e]
         return y.astype(a.dtype)
     return _split_dot(a, w[e])
+
+
+def few_rows(expert_ids, num_experts: int) -> bool:
+    """Whether the tiled path runs these (token, choice) pairs one row at a time (``_rows_ffn``): at most
+    half the expert count of them, i.e. a decode step of a few sequences."""
+    return expert_ids.size <= num_experts // 2
 
 
 def _rows_ffn(x, expert_ids, gate_proj, up_proj, down_proj):
