@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Host memory of a long chunked prefill on CPU: does it grow with the prompt beyond the cache?
 
     python benchmarks/attention_memory_cpu.py [--lengths 4096 16384 65536] [--aligned-lengths 4096 16384]
@@ -10,13 +9,14 @@ MLP, float32, batch 1. The child:
 
 1. builds the model and runs ``generate`` on a 16-token prompt, streamed and not (compiles the small
    helper programs);
-2. compiles, ahead of time, the programs the long prompt will run, at its exact shapes: the prefill
-   chunk (``[1, chunk]`` tokens against a ``max_len`` cache) and the decode step (the AOT compile fills
-   ``jit``'s cache, so the measured run compiles neither), and records their ``memory_analysis()``,
-   with that of the decode loop (``generate(stream=False)``) and of the chunk against a cache rounded up
-   to a multiple of attention's 512-key block;
+2. compiles, ahead of time, the public programs the long prompt will run, at its exact shapes: the prefill
+   chunk (``steps.prefill_chunk``, ``[1, chunk]`` tokens against a ``max_len`` cache) and the decode step
+   (``steps.decode_logits``); the AOT compile fills ``jit``'s cache, so the measured run compiles neither.
+   It records their ``memory_analysis()``, with that of the chunk against a cache rounded up to a multiple
+   of attention's 512-key block. (``generate(stream=False)``'s on-device decode loop is private to
+   ``jamba_jax.generate`` and no longer compiled here: ``decode_step`` is the public decode program.)
 3. takes the baseline: the RSS now (``VmRSS``), then resets the kernel's peak-RSS mark
-   (``/proc/self/clear_refs``, ``5``) so that ``VmHWM`` afterwards is the peak of what follows alone;
+   (``common.reset_peak_rss``) so that ``VmHWM`` afterwards is the peak of what follows alone;
 4. runs ``generate(model, [prompt], max_new_tokens=n, stop_ids=[], chunk_size=chunk, stream=True)`` on
    a random prompt of the given length, sampling RSS every 0.25 s: the first ``next`` is the whole
    prefill (its peak is read then, and the mark reset), the rest are decode steps;
@@ -29,51 +29,27 @@ host, allocator slack. It is bounded when it does not rise with the prompt lengt
 report also gives the bytes one ``[chunk, max_len]`` fp32 score tensor over all query heads would take.
 
 Two series: ``default`` (``--lengths``, ``--new-tokens`` 4) and ``aligned`` (``--aligned-lengths``, one
-new token). Both now get ``generate``'s cache length (``generate.prefill_layout``: whole 512-key blocks);
-the results in ``docs/attention.md`` were measured when ``default`` used the padded prompt plus one chunk.
-``--update`` keeps the series of ``--out`` that are not run.
+new token). Both get ``generate``'s cache length (``generate.prefill_layout``: whole 512-key blocks).
+``--update`` keeps the series of ``--out`` that are not run. A quick check:
+``--lengths 512 --aligned-lengths --out /tmp/attention_memory.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import environment, hwm_bytes, log, random_params, reset_peak_rss, rss_bytes, write_json
+
 MIB = 2**20
 MODEL = {"num_hidden_layers": 2, "attn_layer_period": 2, "attn_layer_offset": 1, "hidden_size": 128,
          "intermediate_size": 256, "num_attention_heads": 8, "num_key_value_heads": 4, "num_experts": 1,
          "max_position_embeddings": 262144}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def hwm_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def reset_peak() -> bool:
-    """Sets the process's peak-RSS mark (VmHWM) to its current RSS; False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return hwm_bytes() <= rss_bytes() + 4 * MIB
 
 
 def child(length: int, chunk: int, new_tokens: int, seed: int) -> dict:
@@ -88,39 +64,38 @@ def child(length: int, chunk: int, new_tokens: int, seed: int) -> dict:
 
     import jamba_jax
     from jamba_jax import JambaConfig
+    from jamba_jax.bench import prompt_ids
     from jamba_jax.cache import cache_bytes, cache_shapes
-    from jamba_jax.generate import _decode_loop, _decode_step, _prefill_chunk, _spec, prefill_layout
+    from jamba_jax.generate import prefill_layout
+    from jamba_jax.steps import ModelSpec, decode_logits, prefill_chunk
 
     t_start = time.perf_counter()
     config = dataclasses.replace(JambaConfig.named("jamba-tiny"), **MODEL)
-    model = jamba_jax.Jamba(config, jamba_jax.init_params(config, jax.random.key(seed)))
+    model = jamba_jax.Jamba(config, random_params(config, seed=seed))
     rss_model = rss_bytes()
 
     # Step 1: the helper programs (key splits, casts, the cache's zeros) at a short prompt, both paths.
     jamba_jax.generate(model, [[5] * 16], max_new_tokens=2, stop_ids=[], chunk_size=chunk)
     list(jamba_jax.generate(model, [[5] * 16], max_new_tokens=2, stop_ids=[], chunk_size=chunk, stream=True))
 
-    # Step 2: the long prompt's own programs at generate's shapes (see generate._prefill), compiled
-    # ahead of time (this fills jit's cache: the measured run compiles none of them).
+    # Step 2: the long prompt's own programs at generate's shapes (generate.prefill_layout), compiled ahead
+    # of time (this fills jit's cache: the measured run compiles none of them).
     new_tokens = new_tokens or 1  # generate's cache is always whole 512-key blocks (the "aligned" series)
     padded, max_len, pieces = prefill_layout(length, new_tokens, chunk)
     step = pieces[-1]  # the full chunk (the prompt lengths here are whole chunks)
-    spec = _spec(model, 0.0, None, None)
+    spec = ModelSpec.of(model)
     cache = cache_shapes(config, 1, max_len, model.dtype)
     ids, valid = jax.ShapeDtypeStruct((1, step), jnp.int32), jax.ShapeDtypeStruct((1, step), bool)
-    token, key = jax.ShapeDtypeStruct((1,), jnp.int32), jax.random.key(0)
+    token = jax.ShapeDtypeStruct((1,), jnp.int32)
     t0 = time.perf_counter()
     programs = {
-        "prefill_chunk": _prefill_chunk.lower(model.params, cache, ids, valid, key, spec=spec).compile(),
-        "decode_step": _decode_step.lower(model.params, cache, token, key, spec=spec).compile(),
-        # generate(stream=False)'s on-device loop: compiled for its memory analysis only, not run.
-        "decode_loop": _decode_loop.lower(model.params, cache, token, key, jnp.asarray([-1], jnp.int32),
-                                          jnp.int32(0), spec=spec, max_new_tokens=new_tokens).compile(),
+        "prefill_chunk": prefill_chunk.lower(model.params, cache, ids, valid, spec=spec).compile(),
+        "decode_step": decode_logits.lower(model.params, cache, token, spec=spec).compile(),
     }
     # The same chunk against a cache rounded up to a multiple of attention's 512-key block (analysis only).
     len512 = -(-max_len // 512) * 512
-    programs["prefill_chunk_max_len_512_multiple"] = _prefill_chunk.lower(
-        model.params, cache_shapes(config, 1, len512, model.dtype), ids, valid, key, spec=spec).compile()
+    programs["prefill_chunk_max_len_512_multiple"] = prefill_chunk.lower(
+        model.params, cache_shapes(config, 1, len512, model.dtype), ids, valid, spec=spec).compile()
     compile_s = time.perf_counter() - t0
 
     def analysis(compiled):
@@ -131,14 +106,14 @@ def child(length: int, chunk: int, new_tokens: int, seed: int) -> dict:
     analyses = {name: analysis(c) for name, c in programs.items()}
     analyses["prefill_chunk_max_len_512_multiple"]["max_len"] = len512
     cache_total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
-    prompt = np.random.default_rng(seed).integers(3, config.vocab_size, length).tolist()
+    prompt = prompt_ids(config, length, seed)
     del cache, programs
     gc.collect()
 
     # Step 3: baseline.
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     baseline = rss_bytes()
-    peak_reset = reset_peak()
+    peak_reset = reset_peak_rss()
 
     # Step 4: the measured run, RSS sampled on the side.
     samples, stop = [], threading.Event()
@@ -159,7 +134,7 @@ def child(length: int, chunk: int, new_tokens: int, seed: int) -> dict:
     peak_prefill = hwm_bytes() if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rss_after_prefill = rss_bytes()
     maxrss_prefill = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    decode_reset = reset_peak()
+    decode_reset = reset_peak_rss()
     t0 = time.perf_counter()
     try:
         while True:
@@ -194,24 +169,6 @@ def child(length: int, chunk: int, new_tokens: int, seed: int) -> dict:
     }
 
 
-def machine() -> dict:
-    import jax
-    import jaxlib
-
-    cpu = platform.processor()
-    try:
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu or platform.machine(), "cpu_count": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-            "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "uptime": uptime}
-
-
 def table(runs: list[dict]) -> str:
     rows = ["| prompt | max_len | cache MiB | baseline RSS MiB | prefill peak MiB | prefill growth MiB "
             "| decode peak MiB | decode growth MiB | chunk temp MiB (512-multiple cache) | decode step temp MiB "
@@ -243,12 +200,12 @@ def run_series(lengths: list[int], chunk: int, new_tokens: int, seed: int) -> di
             sys.exit(f"prompt {length}: child failed\n{done.stderr[-4000:]}")
         run = json.loads(done.stdout.strip().splitlines()[-1])
         series["runs"].append(run)
-        print(f"prompt {length}, max_len {run['max_len']}: baseline {run['baseline_rss_bytes'] / MIB:.1f} MiB, "
-              f"cache {run['cache_bytes']['total'] / MIB:.2f} MiB, prefill peak "
-              f"{run['peak_prefill_rss_bytes'] / MIB:.1f} MiB (growth {run['prefill_growth_bytes'] / MIB:.1f}), "
-              f"decode peak {run['peak_decode_rss_bytes'] / MIB:.1f} MiB (growth "
-              f"{run['decode_growth_bytes'] / MIB:.1f}), prefill {run['prefill_s']:.1f} s", flush=True)
-    series["machine"] = machine()
+        log(f"prompt {length}, max_len {run['max_len']}: baseline {run['baseline_rss_bytes'] / MIB:.1f} MiB, "
+            f"cache {run['cache_bytes']['total'] / MIB:.2f} MiB, prefill peak "
+            f"{run['peak_prefill_rss_bytes'] / MIB:.1f} MiB (growth {run['prefill_growth_bytes'] / MIB:.1f}), "
+            f"decode peak {run['peak_decode_rss_bytes'] / MIB:.1f} MiB (growth "
+            f"{run['decode_growth_bytes'] / MIB:.1f}), prefill {run['prefill_s']:.1f} s")
+    series["machine"] = environment(uptime=subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     series["total_s"] = time.perf_counter() - t0
     print(table(series["runs"]))
     print(f"{len(lengths)} runs in {series['total_s']:.0f} s")
@@ -273,13 +230,12 @@ def main():
     info = {"model": MODEL, "dtype": "float32", "batch": 1, "chunk_size": args.chunk, "attention_block_k": 512}
     if args.update and args.out and args.out.exists():
         info = json.loads(args.out.read_text())
-    if args.lengths:
-        info["default"] = run_series(args.lengths, args.chunk, args.new_tokens, args.seed)
-    if args.aligned_lengths:
-        info["aligned"] = run_series(args.aligned_lengths, args.chunk, 0, args.seed)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=1) + "\n")
+    runs = (("default", args.lengths, args.new_tokens), ("aligned", args.aligned_lengths, 0))
+    for series, lengths, new_tokens in runs:
+        if lengths:
+            info[series] = run_series(lengths, args.chunk, new_tokens, args.seed)
+            if args.out:
+                write_json(args.out, info)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Peak host memory of `jamba convert` against the largest param leaf and the model size.
+"""Peak host memory of ``jamba convert`` against the largest param leaf and the model size.
+
+    python benchmarks/convert_memory.py                      # the preset in docs/convert.md
+    python benchmarks/convert_memory.py --preset test --json  # the size the tests use; one JSON line
 
 Writes a synthetic HF checkpoint (random numpy tensors, sharded safetensors + index; no torch) for a
-config, then converts it in a fresh subprocess that reports the growth of its peak RSS over its RSS
-just before the conversion. Usage::
-
-    python benchmarks/convert_memory.py                 # the preset in docs/convert.md
-    python benchmarks/convert_memory.py --preset test --json
+config, then converts it in a fresh subprocess (this script with ``--child``) that reports the growth of
+its peak RSS over its RSS just before the conversion.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import environment, hwm_bytes, reset_peak_rss, rss_bytes
+
 PRESETS = {
     # 4 layers (mamba, mamba+MoE, attention, mamba+MoE), bf16: ~250 MiB, largest leaf (a stacked expert
     # kernel [1, 8, 512, 4096]) 32 MiB. The size the tests use.
@@ -34,6 +36,8 @@ PRESETS = {
 }
 
 
+# Not common.random_params + save_pretrained: the conversion's memory depends on the checkpoint's layout
+# (100 MiB safetensors shards and an index), and random bits are fast to draw at gigabytes.
 def random_tensor(rng, shape, dtype: np.dtype) -> np.ndarray:
     """Random finite values, drawn as bits (fast): the top exponent bit cleared keeps |x| < 2."""
     bits = np.dtype(f"u{dtype.itemsize}")
@@ -83,29 +87,21 @@ def write_synthetic_checkpoint(directory: Path, config: dict, shard_bytes: int =
     return model, largest
 
 
-# Runs in a fresh interpreter. The first conversion, of a tiny checkpoint with the same layer plan,
-# pays the costs that do not grow with the model (imports, tracing the param shapes, Orbax's and
-# tensorstore's thread pools and metadata); the second is the one measured. Between them the peak-RSS
-# mark is reset to the current RSS (Linux /proc/self/clear_refs).
-_CHILD = r"""
-import json, sys, time
-from jamba_jax.convert import orbax_checkpoint
+def child(tiny_dir: str, tiny_out: str, src: str, dst: str) -> dict:
+    """Runs in a fresh interpreter. The first conversion, of a tiny checkpoint with the same layer plan, pays
+    the costs that do not grow with the model (imports, tracing the param shapes, Orbax's and tensorstore's
+    thread pools and metadata); the second is the one measured. Before each the peak-RSS mark is reset to
+    the current RSS."""
+    from jamba_jax.convert import orbax_checkpoint
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+    def convert(source, target):
+        reset_peak_rss()
+        before = rss_bytes()
+        t = time.perf_counter()
+        orbax_checkpoint.hf_to_orbax(source, target, progress=False)
+        return {"rss_before": before, "growth": hwm_bytes() - before, "seconds": time.perf_counter() - t}
 
-def convert(src, dst):
-    open("/proc/self/clear_refs", "w").write("5")
-    before = status("VmRSS")
-    t = time.perf_counter()
-    orbax_checkpoint.hf_to_orbax(src, dst, progress=False)
-    return {"rss_before": before, "growth": status("VmHWM") - before, "seconds": time.perf_counter() - t}
-
-tiny_dir, tiny_out, src, dst = sys.argv[1:]
-print(json.dumps({"first": convert(tiny_dir, tiny_out), "measured": convert(src, dst)}))
-"""
+    return {"first": convert(tiny_dir, tiny_out), "measured": convert(src, dst)}
 
 
 def tiny_version(config: dict) -> dict:
@@ -117,7 +113,7 @@ def tiny_version(config: dict) -> dict:
 def measure(workdir: Path, config: dict) -> dict:
     write_synthetic_checkpoint(workdir / "tiny", tiny_version(config))
     args = [str(workdir / d) for d in ("tiny", "tiny-converted", "hf", "converted")]
-    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -136,14 +132,18 @@ def run(preset: str, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="large")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.preset, Path(tmp))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**environment(), **result}))
         return
     mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
     print(f"preset {result['preset']}: model {mib(result['model_bytes'])}, largest leaf "

@@ -1,10 +1,11 @@
-#!/usr/bin/env python3
 """The bundled demo model with ExpertsInt8: held-out loss and greedy output against bf16 and fp32.
 
     python benchmarks/demo_int8_quality.py --out docs/results/demo_int8_quality.json
 
-Models (all from ``jamba_jax/demo/``, whose weights are stored in bf16; the sequential scan of the
-training run):
+The test ``tests/test_demo_int8.py`` imports its helpers.
+
+Models (all from ``jamba_jax/demo/``, whose weights are stored in bf16; ``Kernels(scan="sequential")``, the
+scan of the training run):
 
 - ``fp32``: ``load(dtype="float32")``, the reference;
 - ``bf16``: ``load(dtype="bfloat16")``;
@@ -30,9 +31,7 @@ reported beside the differences.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -42,9 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jamba_jax
+from jamba_jax import Kernels
 from jamba_jax.demo import DEMO_DIR
 from jamba_jax.quant import QuantizedWeight
 from jamba_jax.train import TrainConfig, Trainer, encode_texts, eval_batches, evaluate_tokens, lm_loss, read_texts
+
+from common import environment, log, write_json
 
 SEQ = 128  # --seq of benchmarks/train_demo.sh
 BATCH = 8  # --batch of benchmarks/train_demo.sh (the held-out batches are this size too)
@@ -57,12 +59,12 @@ PROMPTS = (
     'The "while" statement',
     "Dictionaries can be created by",
 )
-SCAN = "sequential"  # --scan-impl of benchmarks/train_demo.sh (the run's held-out loss used it too)
+KERNELS = Kernels(scan="sequential")  # --scan of benchmarks/train_demo.sh (the run's held-out loss used it too)
 MODELS = {  # name: load() keywords
-    "fp32": {"dtype": "float32", "scan_impl": SCAN},
-    "bf16": {"dtype": "bfloat16", "scan_impl": SCAN},
-    "int8": {"dtype": "bfloat16", "quantize": "experts-int8", "scan_impl": SCAN},
-    "int8_fp32": {"dtype": "float32", "quantize": "experts-int8", "scan_impl": SCAN},
+    "fp32": {"dtype": "float32", "kernels": KERNELS},
+    "bf16": {"dtype": "bfloat16", "kernels": KERNELS},
+    "int8": {"dtype": "bfloat16", "quantize": "experts-int8", "kernels": KERNELS},
+    "int8_fp32": {"dtype": "float32", "quantize": "experts-int8", "kernels": KERNELS},
 }
 
 
@@ -135,15 +137,13 @@ def main():
     models = {name: jamba_jax.load(DEMO_DIR, **kw) for name, kw in MODELS.items()}
     models["int4_control"] = coarsened(models["int8"])
     tokens = held_out_tokens(models["bf16"].tokenizer)
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "jax_version": jax.__version__,
-              "device": jax.devices()[0].platform, "platform": platform.platform(),
-              "python": platform.python_version(),
-              "held_out_tokens": int(len(tokens)), "seq": SEQ, "batch": BATCH, "new_tokens": NEW_TOKENS,
+    result = {**environment(), "held_out_tokens": int(len(tokens)), "seq": SEQ, "batch": BATCH,
+              "new_tokens": NEW_TOKENS,
               "models": {**MODELS, "int4_control": "int8 with int8 values rounded to multiples of 16"}}
 
     # The training run's own evaluation (Trainer, fp32, its scan) of the fp32 model's params: the losses
     # below are computed the same way, so fp32 must reproduce it.
-    trainer = Trainer(models["fp32"].config, TrainConfig(scan_impl=SCAN))
+    trainer = Trainer(models["fp32"].config, TrainConfig(kernels=KERNELS))
     result["trainer_fp32_loss"] = evaluate_tokens(trainer, models["fp32"].params, tokens, BATCH, SEQ)["lm_loss"]
 
     subset = f"first_{args.test_windows}_windows"
@@ -158,8 +158,8 @@ def main():
             loss["windows"] = len(parts)
             loss[f"{subset}_targets"] = sum(n for _, n in parts[:args.test_windows])
             loss["bf16_standard_error"] = float(per_window.std(ddof=1) / np.sqrt(len(parts)))
-        print(f"{name:12s} held-out loss {loss['held_out'][name]:.6f}  {subset} {loss[subset][name]:.6f}"
-              f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+        log(f"{name:12s} held-out loss {loss['held_out'][name]:.6f}  {subset} {loss[subset][name]:.6f}"
+            f"  ({time.perf_counter() - t0:.1f} s)")
     pairs = (("bf16", "fp32"), ("int8", "bf16"), ("int8", "fp32"), ("int8_fp32", "fp32"), ("int4_control", "bf16"))
     loss["differences"] = {which: {f"{a}-{b}": loss[which][a] - loss[which][b] for a, b in pairs}
                            for which in ("held_out", subset)}
@@ -173,14 +173,13 @@ def main():
         row = {"prompt": prompt, "text": {name: tok.decode(ids) for name, ids in out.items()},
                "first_difference": {f"{a}_vs_{b}": first_difference(out[a], out[b]) for a, b in compared}}
         rows.append(row)
-        print(f"{prompt!r}: first differences {row['first_difference']}", flush=True)
+        log(f"{prompt!r}: first differences {row['first_difference']}")
     result["greedy"] = {"prompts": rows, "equal_fraction": {
         f"{a}_vs_{b}": sum(r["first_difference"][f"{a}_vs_{b}"] is None for r in rows) / len(rows)
         for a, b in compared}}
     print(json.dumps({k: v for k, v in loss.items() if k in ("differences", "bf16_standard_error")}, indent=1))
     print(json.dumps(result["greedy"]["equal_fraction"], indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Prefill and decode throughput of jamba_jax against HF transformers (torch, CPU) on the same weights.
 
     python benchmarks/generate_vs_hf.py [--config jamba-small] [--prompt 1024] [--new 64] [--rounds 3]
-                                        [--scan-impl IMPL] [--compare-scan-impl IMPL] [--out FILE]
+                                        [--scan IMPL] [--compare-scan IMPL] [--out FILE]
+    python benchmarks/generate_vs_hf.py --config jamba-tiny --prompt 64 --new 8 --rounds 1   # a quick check
 
-Builds a random HF checkpoint of the config (fp32), loads it in both, and times, after one warm-up:
-prefill (the prompt through the model, filling the cache) and decode (greedy new tokens), the two sides
-in turn for ``--rounds`` rounds, keeping each side's best; records the machine's load average around
-them (both sides run under it, and a load change between rounds hits both). Under ``taskset -c N`` both
-sides use only the CPUs allowed (torch's thread count follows them).
-Also times jamba_jax's compiled decode step at several cache positions to show it does not grow with
-the number of tokens already in the Mamba state, and reports the step's compiled memory.
+Writes an HF checkpoint (fp32) of the model's own random init (``common.random_params``), loads it in both
+(HF with its eager attention), and times, after one warm-up: prefill (the prompt through the model, filling
+the cache) and decode (greedy new tokens), the two sides in turn for ``--rounds`` rounds, keeping each side's
+best; records the machine's load average around them (both sides run under it, and a load change between
+rounds hits both). ``--scan`` picks jamba_jax's selective scan (``Kernels(scan=...)``); ``--compare-scan``
+also times jamba_jax with another one in the same rounds. Under ``taskset -c N`` both sides use only the
+CPUs allowed (torch's thread count follows them).
+Also times jamba_jax's compiled decode step (``steps.decode_logits``) at several cache positions, on the
+hybrid and on a Mamba-only model of the same widths, to show it does not grow with the number of tokens
+already in the Mamba state, and reports the step's compiled memory.
 """
 
 from __future__ import annotations
@@ -17,26 +21,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import JambaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hf_reference import make_checkpoint  # noqa: E402
+import jamba_jax
+from jamba_jax import Kernels, moe
+from jamba_jax.bench import prompt_ids
+from jamba_jax.cache import init_cache_arrays
+from jamba_jax.info import model_info
+from jamba_jax.steps import ModelSpec, decode_logits
+from jamba_jax.train import save_pretrained
 
-import jamba_jax  # noqa: E402
-from jamba_jax import moe  # noqa: E402
-from jamba_jax.cache import init_cache  # noqa: E402
-from jamba_jax.generate import _decode_step, _spec, generate  # noqa: E402
-from jamba_jax.info import model_info  # noqa: E402
+from common import environment, log, random_params, time_call, write_json
+
+PROFILE_LEN = 16384  # the decode-step profile's cache length
+PROFILE_POSITIONS = (16, 1024, 4096, PROFILE_LEN - 1)
 
 
 class TokenClock(StoppingCriteria):
@@ -68,39 +72,33 @@ def timed_rounds(hf_model, ours: dict, prompt, new_tokens, rounds):
     ``new_tokens - 1`` tokens."""
     hf_generate(hf_model, prompt[:32], 2)
     for model in ours.values():
-        generate(model, [prompt], max_new_tokens=new_tokens, stop_ids=[])  # compile
+        jamba_jax.generate(model, [prompt], max_new_tokens=new_tokens, stop_ids=[])  # compile
     rows = []
     for _ in range(rounds):
         hf_prefill, hf_decode, hf_tokens = hf_generate(hf_model, prompt, new_tokens)
         row = {"hf_prefill_s": hf_prefill, "hf_decode_s": hf_decode, "greedy_tokens_equal": True}
         for name, model in ours.items():
-            r = generate(model, [prompt], max_new_tokens=new_tokens, stop_ids=[])
+            r = jamba_jax.generate(model, [prompt], max_new_tokens=new_tokens, stop_ids=[])
             row.update({f"{name}_prefill_s": r.prefill_seconds, f"{name}_decode_s": r.decode_seconds})
             row["greedy_tokens_equal"] &= r.tokens[0] == hf_tokens[:len(r.tokens[0])]
         rows.append(row)
     return rows
 
 
-def decode_step_profile(model, positions, max_len):
-    """Median time of one compiled decode step with the cache filled up to each position."""
-    spec = _spec(model, 0.0, None, None)
-    cache = init_cache(model.config, 1, max_len, model.dtype)
+def decode_step_profile(model, positions=PROFILE_POSITIONS, max_len=PROFILE_LEN):
+    """Median time of one compiled decode step (``decode_logits``) with the cache filled up to each position.
+    The step donates its cache: every call gets a fresh copy (untimed)."""
+    spec = ModelSpec.of(model)
+    cache = init_cache_arrays(model.config, 1, max_len, model.dtype)
     token = jnp.array([5], jnp.int32)
-    key = jax.random.key(0)
-    lowered = _decode_step.lower(model.params, cache, token, key, spec=spec).compile()
-    mem = lowered.memory_analysis()
+    mem = decode_logits.lower(model.params, cache, token, spec=spec).compile().memory_analysis()
     rows = []
     for pos in positions:
-        c = dict(cache, pos=jnp.int32(pos), valid=cache["valid"].at[:, :pos].set(True))
-        _decode_step(model.params, c, token, key, spec=spec)[0].block_until_ready()
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            _decode_step(model.params, c, token, key, spec=spec)[0].block_until_ready()
-            times.append(time.perf_counter() - t0)
-        rows.append({"cached_tokens": pos, "step_ms": 1e3 * float(np.median(times))})
-    temp = getattr(mem, "temp_size_in_bytes", None)
-    return {"max_len": max_len, "temp_bytes": temp, "rows": rows}
+        filled = dict(cache, pos=jnp.int32(pos), valid=cache["valid"].at[:, :pos].set(True))
+        timing = time_call(lambda c: decode_logits(model.params, c, token, spec=spec)[0], runs=7,
+                           fresh=lambda: (jax.tree.map(jnp.copy, filled),))
+        rows.append({"cached_tokens": pos, "step_ms": 1e3 * timing.median})
+    return {"max_len": max_len, "temp_bytes": getattr(mem, "temp_size_in_bytes", None), "rows": rows}
 
 
 def main():
@@ -108,8 +106,8 @@ def main():
     parser.add_argument("--config", default="jamba-small")
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--scan-impl", default=None, help="jamba_jax's selective scan (default: load's)")
-    parser.add_argument("--compare-scan-impl", default=None,
+    parser.add_argument("--scan", default="xla", help="jamba_jax's selective scan (Kernels.scan)")
+    parser.add_argument("--compare-scan", default=None,
                         help="also time jamba_jax with this selective scan, in the same rounds")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best of each side is kept")
     parser.add_argument("--out", default=None)
@@ -117,29 +115,27 @@ def main():
 
     config = jamba_jax.JambaConfig.named(args.config)
     info = model_info(config, context=args.prompt + args.new, dtype="float32")
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, config.vocab_size, args.prompt).tolist()
+    prompt = prompt_ids(config, args.prompt, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        hf_config = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type", "dtype")}
-        hf_model = make_checkpoint(Path(tmp), seed=0, max_shard_size=None, **hf_config)
-        ours = jamba_jax.load(tmp, dtype="float32", scan_impl=args.scan_impl)
-        models = {"ours": ours}
-        if args.compare_scan_impl:
-            models[f"ours_scan_{args.compare_scan_impl}"] = jamba_jax.load(tmp, dtype="float32",
-                                                                           scan_impl=args.compare_scan_impl)
-    torch.set_num_threads(torch.get_num_threads())
+        save_pretrained(tmp, config, random_params(config))
+        # HF's eager attention, as in the earlier results (transformers' own keyword).
+        hf_model = JambaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
+        ours = jamba_jax.load(tmp, dtype="float32", kernels=Kernels(scan=args.scan))
+    models = {"ours": ours}
+    if args.compare_scan:
+        models[f"ours_scan_{args.compare_scan}"] = ours.with_kernels(Kernels(scan=args.compare_scan))
+    log(f"models ready; {args.rounds} rounds")
     load_before = os.getloadavg()
     rounds = timed_rounds(hf_model, models, prompt, args.new, args.rounds)
     load_after = os.getloadavg()
     steps = args.new - 1
     result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} torch threads, jax {jax.__version__} on {jax.default_backend()}",
-        "cpus_allowed": len(os.sched_getaffinity(0)),
-        "date": time.strftime("%Y-%m-%d"),
+        **environment(),
         "load_average_1_5_15_min": {"before": [round(v, 2) for v in load_before],
                                     "after": [round(v, 2) for v in load_after]},
         "config": args.config,
-        "scan_impl": ours.scan_impl,
+        "scan_impl": ours.kernels.scan,  # Kernels.scan, under the name earlier results used
+        "hf_attention": "eager",
         "moe_grouped_matmul": moe.grouped_matmul(),
         "total_params": info["total_params"],
         "active_params": info["active_params"],
@@ -159,17 +155,16 @@ def main():
     result["rounds"] = rounds
     result["speedup_prefill"] = result["jamba_jax"]["speedup_prefill"]
     result["speedup_decode"] = result["jamba_jax"]["speedup_decode"]
+    log("decode step profile")
     mamba_only = jamba_jax.JambaConfig.from_dict({**config.to_dict(), "attn_layer_period": config.num_hidden_layers + 1,
                                                   "attn_layer_offset": config.num_hidden_layers})
-    from random_weights import random_model  # noqa: E402
     result["decode_step_vs_position"] = {
-        "hybrid": decode_step_profile(ours, [16, 1024, 4096, 16384 - 1], 16384),
-        "mamba_only": decode_step_profile(random_model(mamba_only), [16, 1024, 4096, 16384 - 1], 16384),
+        "hybrid": decode_step_profile(ours),
+        "mamba_only": decode_step_profile(jamba_jax.Jamba(mamba_only, random_params(mamba_only), kernels=ours.kernels)),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

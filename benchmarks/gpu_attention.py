@@ -1,8 +1,7 @@
 """GPU benchmark of the Pallas attention kernels against the XLA paths and cuDNN (Jamba-1.5-Mini shapes).
 
-Run from the repository root on a GPU machine:
-
     python3 benchmarks/gpu_attention.py --out $OUT/attn.json
+    python3 benchmarks/gpu_attention.py --dry-run --out /tmp/attn.json   # CPU: tiny shapes, interpret mode
 
 Sections, each guarded (an error prints its first lines and the script goes on) and each followed by
 a JSON write:
@@ -18,7 +17,7 @@ a JSON write:
     first key: it computes up to 2048 x 2048 / 2 more scores than the others).
 (c) decode: one query over a full cache of 4K/16K/64K/256K tokens; ``decode_attention_pallas``,
     ``split_k_attention`` (XLA) and cuDNN, with the bandwidth achieved (K/V bytes read / time)
-    against a measured copy bandwidth.
+    against the measured copy bandwidth (``common.copy_bandwidth``).
 (d) if time is left, a few other kernel configurations (blocks, warps, stages, splits).
 
 Each time is the per-call time of the operation iterated in an on-device ``fori_loop`` (its output,
@@ -30,53 +29,19 @@ on tiny shapes in Pallas interpret mode (for CPU-only machines; cuDNN then fails
 
 from __future__ import annotations
 
-import time
+import argparse
+import os
+import threading
 
-_T0 = time.perf_counter()
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import traceback  # noqa: E402
-import types  # noqa: E402
+from jamba_jax.attention import attend, blocked_attention, naive_attention, split_k_attention
+from pallas_kernels import decode_attention_pallas, flash_attention_pallas
 
-_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, _ROOT)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-
-def _import_attention():
-    """``jamba_jax.attention`` without running the package ``__init__`` (which imports the whole
-    model); the normal import if that fails."""
-    try:
-        if "jamba_jax" not in sys.modules:
-            pkg = types.ModuleType("jamba_jax")
-            pkg.__path__ = [os.path.join(_ROOT, "jamba_jax")]
-            sys.modules["jamba_jax"] = pkg
-        import jamba_jax.attention as attention
-    except Exception:
-        for name in [n for n in sys.modules if n == "jamba_jax" or n.startswith("jamba_jax.")]:
-            del sys.modules[name]
-        import jamba_jax.attention as attention
-    return attention
-
-
-_attention = _import_attention()
-from pallas_kernels.flash_attention import decode_attention_pallas, flash_attention_pallas  # noqa: E402
-
-naive_attention = _attention.naive_attention
-blocked_attention = _attention.blocked_attention
-split_k_attention = _attention.split_k_attention
-attend = _attention.attend
+from common import Report, copy_bandwidth, elapsed, environment, log, rel_err, time_call
 
 # (block_q, block_k, num_warps, num_stages): the first is the kernel's default and the one timed in (b).
 PREFILL_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2),
@@ -87,45 +52,8 @@ DECODE_CONFIGS = [(64, None, 4, 3), (128, None, 4, 3), (64, 64, 4, 3), (128, 32,
 REL_TOL = 1e-4  # fp32 correctness threshold on GPU (the CPU tests use 1e-5)
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-def short_error(e, lines=6):
-    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
-    return "\n".join(text[:lines])
-
-
-def block(tree):
-    return jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
-
-
-def elapsed():
-    return time.perf_counter() - _T0
-
-
-class Report:
-    """The JSON report; ``write`` is safe to call from the watchdog thread."""
-
-    def __init__(self, path, data):
-        self.path, self.data, self.lock = path, data, threading.Lock()
-
-    def write(self, **extra):
-        with self.lock:
-            data = copy.deepcopy(self.data)
-        data.update(extra, elapsed_s=elapsed())
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, self.path)
-
-    def add(self, key, row):
-        with self.lock:
-            self.data.setdefault(key, []).append(row)
-        self.write()
-
-
 def start_watchdog(report, hard_limit):
+    """Writes the report and exits the process at ``hard_limit`` seconds since the start, whatever runs."""
     def fire():
         log(f"!! watchdog: {hard_limit:.0f} s reached; writing {report.path} and exiting")
         try:
@@ -154,25 +82,9 @@ def time_op(fn, args, *, target_s=0.03, max_iters=2000, repeats=3):
     warm-up/compile call, then ``repeats`` device loops of about ``target_s`` each. Returns the
     median, the loop length and the output of one call."""
     loop = looped(fn)
-    one = jnp.int32(1)
-    out = block(loop(one, *args))
-    t0 = time.perf_counter()
-    block(loop(one, *args))
-    first = time.perf_counter() - t0
-    n = int(min(max_iters, max(1, target_s / max(first, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        block(loop(jnp.int32(n), *args))
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times), n, out
-
-
-def rel_err(got, ref, real=None):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if real is not None:
-        got, ref = got[real], ref[real]
-    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+    first = time_call(loop, jnp.int32(1), *args, runs=1)
+    n = int(min(max_iters, max(1, target_s / max(first.best, 1e-6))))
+    return time_call(loop, jnp.int32(n), *args, warmup=0, runs=repeats).median / n, n, first.output
 
 
 def make_qkv(key, batch, q_len, k_len, n_kv, group, hd, dtype):
@@ -233,31 +145,17 @@ def main():
     batch, dtype = 1, jnp.bfloat16
     itemsize = jnp.dtype(dtype).itemsize
 
-    dev = jax.devices()[0]
     report = Report(a.out, dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        jax_version=jax.__version__, device=str(dev), card=getattr(dev, "device_kind", str(dev)),
-        platform=dev.platform, dry_run=dry,
+        **environment(), dry_run=dry,
         shapes=dict(batch=batch, kv_heads=n_kv, group=group, q_heads=n_kv * group, head_dim=hd,
                     dtype=str(jnp.dtype(dtype)), prefill_chunk=chunk, prefill_lengths=prefill_lengths,
                     self_attention_lengths=self_lengths, decode_lengths=decode_lengths),
-        correctness=[], prefill=[], decode=[], sweep=[], errors=[], copy_bandwidth_GBps=None,
-    ))
+        correctness=[], prefill=[], decode=[], sweep=[], copy_bandwidth_GBps=None,
+    ), budget=a.budget)
     start_watchdog(report, a.hard_limit)
-    log(f"jax {jax.__version__}  device {dev}  kind {report.data['card']}  dry_run={dry}  "
-        f"startup {elapsed():.1f} s")
-
-    def record_error(where, e):
-        msg = short_error(e) if isinstance(e, BaseException) else str(e)
-        log(f"  !! {where}: {msg}")
-        report.add("errors", dict(where=where, error=msg))
-
-    def have_time(where, need, reserve=0.0):
-        """Whether ``need`` seconds are left, keeping ``reserve`` seconds for the later sections."""
-        if a.budget - reserve - elapsed() < need:
-            record_error(where, f"skipped: time budget ({elapsed():.0f} of {a.budget:.0f} s used)")
-            return False
-        return True
+    on_gpu = report.data["platform"] == "gpu"
+    log(f"jax {jax.__version__}  device {report.data['device']}  kind {report.data['card']}  dry_run={dry}")
+    record_error, have_time = report.error, report.have_time
 
     # ---- (a) correctness ---------------------------------------------------------------------------
     def correctness():
@@ -283,11 +181,12 @@ def main():
                    "decode": lambda qq, kk, vv, s: split_k_attention(qq, kk, vv, s, valid)}
         for name, fn, qq, s, r, rq in kinds:
             try:
-                got = block(fn(qq, k, v, s))
+                got = jax.block_until_ready(fn(qq, k, v, s))
                 e32 = rel_err(got, r, rq)
                 ql = qq.astype(dtype)
-                e16 = rel_err(block(fn(ql, low[1], low[2], s)), r, rq)
-                e16_xla = rel_err(block(jax.jit(xla_low[name.split()[0]])(ql, low[1], low[2], s)), r, rq)
+                e16 = rel_err(jax.block_until_ready(fn(ql, low[1], low[2], s)), r, rq)
+                xla = jax.jit(xla_low[name.split()[0]])
+                e16_xla = rel_err(jax.block_until_ready(xla(ql, low[1], low[2], s)), r, rq)
                 ok = e32 < REL_TOL and e16 < max(2e-2, 2 * e16_xla)
                 row = dict(case=name, shape=[b, qq.shape[1], k_len, kvh, g, d], q_start=int(s), rel_err_fp32=e32,
                            rel_err_bf16=e16, rel_err_bf16_xla=e16_xla, ok=ok)
@@ -300,7 +199,7 @@ def main():
             jaxpr = str(jax.make_jaxpr(lambda *x: attend(*x, impl="pallas"))(low[0], low[1], low[2], q_start, valid))
             uses = "pallas_call" in jaxpr
             report.add("correctness", dict(case="attend impl=pallas uses the kernel",
-                                           ok=uses == (dev.platform == "gpu")))
+                                           ok=uses == on_gpu))
             log(f"attend(impl='pallas') uses the Pallas kernel: {uses}")
         except Exception as e:
             record_error("attend dispatch", e)
@@ -314,13 +213,8 @@ def main():
     # ---- copy bandwidth ----------------------------------------------------------------------------
     copy_bw = None
     try:
-        n = (1 << 16) if dry else (1 << 28)  # 1 GiB of f32
-        buf = jnp.ones((n,), jnp.float32)
-        t, _, _ = time_op(lambda x: x + 1.0, (buf,), target_s=0.05, max_iters=200)
-        copy_bw = 2 * n * 4 / t / 1e9
-        report.data["copy_bandwidth_GBps"] = copy_bw
-        log(f"copy bandwidth: {copy_bw:.1f} GB/s (read + write of {n * 4 / 2**30:.2f} GiB)")
-        del buf
+        copy_bw = report.data["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+        log(f"copy bandwidth: {copy_bw:.1f} GB/s")
     except Exception as e:
         record_error("copy bandwidth", e)
     report.write()
@@ -352,6 +246,28 @@ def main():
         log(f"  {impl:7s} {config:22s} {case:5s} L={L:6d} q={q_len:5d} {t * 1e3:9.3f} ms{extra} {note}")
         return out
 
+    def compare(section, case, label, L, q_len, impls, args, reserve=0.0, **measure):
+        """Times each ``(impl, config, fn, note)`` of ``impls`` on ``args``, then compares the bf16 outputs of
+        the Pallas kernel and the XLA path (``consistency``, under ``label``)."""
+        outs = {}
+        for impl, config, fn, note in impls:
+            if not have_time(f"{section} {impl} {label} L={L}", 5, reserve):
+                continue
+            try:
+                out = time_row(section, impl, config, case, L, q_len, fn, seq_major(args) if impl == "cudnn" else args,
+                               note=note, **measure)
+                if impl in ("pallas", "xla"):
+                    outs[impl] = out
+            except Exception as e:
+                record_error(f"{section} {impl} {label} L={L}", e)
+        if len(outs) == 2:
+            try:
+                diff = rel_err(outs["pallas"], outs["xla"])
+                report.add("consistency", dict(case=label, length=L, rel_diff_pallas_vs_xla_bf16=diff))
+                log(f"  pallas vs xla (bf16 outputs): rel diff {diff:.2e}")
+            except Exception as e:
+                record_error(f"{section} consistency {label} L={L}", e)
+
     for case, L, q_len, q_start in prefill_cases():
         if not have_time(f"prefill {case} L={L}", 10, a.decode_reserve):
             continue
@@ -361,14 +277,13 @@ def main():
             valid = jnp.ones((batch, L), bool)
             start = jnp.int32(q_start)
             args = (q, k, v, start)
-            block(args)
+            jax.block_until_ready(args)
         except Exception as e:
             record_error(f"prefill inputs {case} L={L}", e)
             continue
         # useful FLOPs: 2 matmuls x 2 flops x head_dim x q heads x visible (query, key) pairs
         pairs = q_len * q_start + q_len * (q_len + 1) // 2
         flops = 4 * pairs * hd * n_kv * group * batch
-        outs = {}
         impls = [("pallas", "bq=%d bk=%d w=%d s=%d" % prefill_cfgs[0], flash_fn(prefill_cfgs[0], valid), ""),
                  ("xla", "blocked bk=512", lambda q, k, v, s: blocked_attention(q, k, v, s, valid), "")]
         if not a.no_cudnn:
@@ -376,24 +291,8 @@ def main():
             impls.append(("cudnn", "is_causal" if causal else "no mask",
                           lambda q, k, v, s: cudnn_attention(q, k, v, causal),
                           "" if causal else "all keys visible (more work)"))
-        for impl, config, fn, note in impls:
-            if not have_time(f"prefill {impl} {case} L={L}", 5, a.decode_reserve):
-                continue
-            try:
-                out = time_row("prefill", impl, config, case, L, q_len, fn,
-                               seq_major(args) if impl == "cudnn" else args, flops=flops, note=note)
-                if impl in ("pallas", "xla"):
-                    outs[impl] = out
-            except Exception as e:
-                record_error(f"prefill {impl} {case} L={L}", e)
-        if len(outs) == 2:
-            try:
-                diff = rel_err(outs["pallas"], outs["xla"])
-                report.add("consistency", dict(case=case, length=L, rel_diff_pallas_vs_xla_bf16=diff))
-                log(f"  pallas vs xla (bf16 outputs): rel diff {diff:.2e}")
-            except Exception as e:
-                record_error(f"prefill consistency {case} L={L}", e)
-        del q, k, v, outs, args
+        compare("prefill", case, case, L, q_len, impls, args, a.decode_reserve, flops=flops)
+        del q, k, v, args
 
     # ---- (c) decode --------------------------------------------------------------------------------
     def decode_fn(cfg, valid):
@@ -412,34 +311,17 @@ def main():
             q, k, v = make_qkv(jax.random.PRNGKey(7 + L), batch, 1, L, n_kv, group, hd, dtype)
             valid = jnp.ones((batch, L), bool)
             args = (q, k, v, jnp.int32(L - 1))
-            block(args)
+            jax.block_until_ready(args)
         except Exception as e:
             record_error(f"decode inputs L={L}", e)
             continue
         kv_bytes = 2 * batch * L * n_kv * hd * itemsize
-        outs = {}
         impls = [("pallas", decode_cfg_name(decode_cfgs[0]), decode_fn(decode_cfgs[0], valid), ""),
                  ("xla", "split_k S=16", lambda q, k, v, s: split_k_attention(q, k, v, s, valid), "")]
         if not a.no_cudnn:
             impls.append(("cudnn", "no mask", lambda q, k, v, s: cudnn_attention(q, k, v, False), ""))
-        for impl, config, fn, note in impls:
-            if not have_time(f"decode {impl} L={L}", 5):
-                continue
-            try:
-                out = time_row("decode", impl, config, "dec", L, 1, fn, seq_major(args) if impl == "cudnn" else args,
-                               kv_bytes=kv_bytes, note=note)
-                if impl in ("pallas", "xla"):
-                    outs[impl] = out
-            except Exception as e:
-                record_error(f"decode {impl} L={L}", e)
-        if len(outs) == 2:
-            try:
-                diff = rel_err(outs["pallas"], outs["xla"])
-                report.add("consistency", dict(case="decode", length=L, rel_diff_pallas_vs_xla_bf16=diff))
-                log(f"  pallas vs xla (bf16 outputs): rel diff {diff:.2e}")
-            except Exception as e:
-                record_error(f"decode consistency L={L}", e)
-        del q, k, v, outs, args
+        compare("decode", "dec", "decode", L, 1, impls, args, kv_bytes=kv_bytes)
+        del q, k, v, args
 
     # ---- (d) other kernel configurations -----------------------------------------------------------
     if not a.no_sweep and have_time("sweep prefill", 8):
@@ -479,7 +361,7 @@ def main():
             record_error("sweep decode", e)
 
     # ---- summary -----------------------------------------------------------------------------------
-    log(f"\n=== summary ({report.data['card']}, jax {jax.__version__}) ===")
+    log(f"=== summary ({report.data['card']}, jax {jax.__version__}) ===")
     if copy_bw:
         log(f"copy bandwidth {copy_bw:.1f} GB/s")
     for c in report.data["correctness"]:

@@ -1,43 +1,32 @@
 """GPU benchmark of the Pallas selective scan against the XLA scans (Jamba-1.5-Mini shapes).
 
-Run from the repository root on a GPU machine:
+    python3 benchmarks/gpu_selective_scan.py --out $OUT/scan.json [--configs 20-23] [--lengths 4096,65536]
+    python3 benchmarks/gpu_selective_scan.py --dry-run --out /tmp/scan.json   # CPU: tiny shapes, interpret mode
 
-    python3 benchmarks/gpu_selective_scan.py --out $OUT/scan.json
-
-It prints the JAX version and device, checks the Pallas kernel (compiled, not interpreted) against
-``selective_scan_sequential`` on a small random case and a Mini-shaped case, measures copy
-bandwidth, times several kernel configurations and the two XLA scans at d_inner 8192, d_state 16,
-batch 1, bf16 activations, lengths 4096/16384/65536, prints a table and writes JSON. At each
+It checks the Pallas kernel (compiled, not interpreted) against ``selective_scan_sequential`` on a small
+random case and a Mini-shaped case, measures the copy bandwidth (``common.copy_bandwidth``), times several
+kernel configurations and the two XLA scans at d_inner 8192, d_state 16, batch 1, bf16 activations, lengths
+4096/16384/65536 (the median of up to 5 calls after a compile), prints a table and writes JSON. At each
 length every timed configuration's output is also compared with the first one's (``consistency``).
 ``--variants`` keeps only the named kernel variants and ``--configs`` only the listed entries of
-``CONFIGS``; the best ``--top-k`` configurations at the
-first length, plus the best of each variant, are carried to the longer lengths. Every section
-is guarded, so one failing lowering or an out-of-memory does not stop the rest, and a time budget
-(``--budget``, seconds) skips whatever would run past it.
-
-``--dry-run`` runs the same code on tiny shapes in Pallas interpret mode (for CPU-only machines).
+``CONFIGS``; the best ``--top-k`` configurations at the first length, plus the best of each variant, are
+carried to the longer lengths. Every section is guarded, so one failing lowering or an out-of-memory does
+not stop the rest, the JSON is rewritten after each, and a time budget (``--budget``, seconds since the
+start) skips whatever would run past it.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import os
-import statistics
-import sys
-import time
-import traceback
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from jamba_jax.scan import selective_scan_associative, selective_scan_sequential
+from pallas_kernels import selective_scan_pallas
 
-from jamba_jax.scan import selective_scan_associative, selective_scan_sequential  # noqa: E402
-from pallas_kernels.selective_scan import selective_scan_pallas  # noqa: E402
+from common import Report, copy_bandwidth, environment, log, rel_err, time_call
 
 # (variant, block_d, chunk, num_warps, segments); the first of each variant is also used for the
 # correctness checks. segments only matters for "segmented" (None: the kernel's automatic choice).
@@ -72,46 +61,9 @@ REL_TOL = 1e-4  # correctness threshold (f32 vs f32 on GPU; CPU tests use 1e-5)
 SEQUENTIAL_MAX_S = 20.0  # default of --sequential-max-s
 
 
-class Budget:
-    def __init__(self, seconds):
-        self.start, self.seconds = time.perf_counter(), seconds
-
-    def left(self):
-        return self.seconds - (time.perf_counter() - self.start)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def short_error(e, lines=6):
-    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
-    return "\n".join(text[:lines])
-
-
-def block(tree):
-    return jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
-
-
-def time_fn(fn, *args, runs=5, max_seconds=10.0):
-    """Median wall time (s) of ``fn(*args)`` after one warm-up call (which also compiles); fewer
-    runs when one call is slow, so the whole measurement stays near ``max_seconds``."""
-    block(fn(*args))
-    t0 = time.perf_counter()
-    block(fn(*args))
-    first = time.perf_counter() - t0
-    times = [first]
-    n = int(min(runs, max(1, max_seconds / max(first, 1e-6)))) - 1
-    for _ in range(n):
-        t0 = time.perf_counter()
-        block(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def make_inputs(key, batch, seq, d_inner, d_state, dtype, *, state=False, mask=False):
     ks = jax.random.split(key, 10)
-    n = lambda k, s, dt=dtype: jax.random.normal(k, s, jnp.float32).astype(dt)
+    n = lambda k, s, dt=dtype: jax.random.normal(k, s, jnp.float32).astype(dt)  # noqa: E731
     args = dict(
         x=n(ks[0], (batch, seq, d_inner)), dt=(n(ks[1], (batch, seq, d_inner), jnp.float32) - 1.0).astype(dtype),
         A=-jnp.exp(0.5 * n(ks[2], (d_inner, d_state), jnp.float32)), B=n(ks[3], (batch, seq, d_state)),
@@ -142,16 +94,26 @@ def device_rel_err(got, ref):
     return jnp.max(jnp.abs(got - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)
 
 
-def rel_err(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
-
-
 def cfg_name(cfg):
     name = f"{cfg[0]} bd={cfg[1]} T={cfg[2]} w={cfg[3]}"
     if cfg[0] == "segmented":
         name += f" S={cfg[4] if cfg[4] else 'auto'}"
     return name
+
+
+def pick_configs(a):
+    """The ``CONFIGS`` entries ``--configs`` and ``--variants`` keep (a few of each variant in a dry run)."""
+    configs = CONFIGS[:2] + [CONFIGS[7], CONFIGS[9], CONFIGS[11], CONFIGS[-1]] if a.dry_run else CONFIGS
+    if a.configs:
+        picked = []
+        for part in a.configs.split(","):
+            lo, _, hi = part.partition("-")
+            picked += range(int(lo), int(hi or lo) + 1)
+        configs = [CONFIGS[i] for i in picked]
+    if a.variants:
+        keep = a.variants.split(",")
+        configs = [c for c in configs if c[0] in keep]
+    return configs
 
 
 def main():
@@ -167,41 +129,20 @@ def main():
                    help="skip the lax.scan oracle where one call is estimated to take longer")
     a = p.parse_args()
 
-    budget = Budget(a.budget)
     dry = a.dry_run
     interpret = dry
     d_inner, d_state, batch = (64, 16, 1) if dry else (8192, 16, 1)
     lengths = [int(s) for s in a.lengths.split(",")] if a.lengths else ([32, 64] if dry else [4096, 16384, 65536])
-    configs = CONFIGS[:2] + [CONFIGS[7], CONFIGS[9], CONFIGS[11], CONFIGS[-1]] if dry else CONFIGS
-    if a.configs:
-        picked = []
-        for part in a.configs.split(","):
-            lo, _, hi = part.partition("-")
-            picked += range(int(lo), int(hi or lo) + 1)
-        configs = [CONFIGS[i] for i in picked]
-    if a.variants:
-        keep = a.variants.split(",")
-        configs = [c for c in configs if c[0] in keep]
+    configs = pick_configs(a)
     act_dtype = jnp.bfloat16
 
-    dev = jax.devices()[0]
-    report = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        jax_version=jax.__version__, device=str(dev), card=getattr(dev, "device_kind", str(dev)),
-        platform=dev.platform, dry_run=dry, shapes=dict(d_inner=d_inner, d_state=d_state, batch=batch,
-                                                         lengths=lengths, activations=str(jnp.dtype(act_dtype))),
-        correctness=[], timings=[], errors=[], copy_bandwidth_GBps=None,
-    )
-    log(f"jax {jax.__version__}  device {dev}  kind {report['card']}  dry_run={dry}")
-
-    def record_error(where, e):
-        msg = short_error(e)
-        log(f"  !! {where}: {msg}")
-        report["errors"].append(dict(where=where, error=msg))
-
-    def write():
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2)
+    report = Report(a.out, dict(
+        **environment(), dry_run=dry, shapes=dict(d_inner=d_inner, d_state=d_state, batch=batch, lengths=lengths,
+                                                  activations=str(jnp.dtype(act_dtype))),
+        correctness=[], timings=[], copy_bandwidth_GBps=None,
+    ), budget=a.budget)
+    data = report.data
+    log(f"jax {data['jax_version']}  device {data['device']}  kind {data['card']}  dry_run={dry}")
 
     # ---- correctness -------------------------------------------------------------------------
     seq_ref = jax.jit(selective_scan_sequential)
@@ -211,37 +152,31 @@ def main():
         try:
             args, kw = make_inputs(jax.random.PRNGKey(1), b, L, d, s, act_dtype if name == "mini" else jnp.float32,
                                    state=state, mask=mask)
-            y_ref, h_ref = block(seq_ref(*order(args), **kw))
+            y_ref, h_ref = jax.block_until_ready(seq_ref(*order(args), **kw))
         except Exception as e:
-            record_error(f"correctness {name}: reference", e)
+            report.error(f"correctness {name}: reference", e)
             continue
         for variant in dict.fromkeys(c[0] for c in configs):
             cfg = next(c for c in configs if c[0] == variant)
             try:
-                y, h = block(pallas_fn(cfg, interpret)(*order(args), **kw))
+                y, h = jax.block_until_ready(pallas_fn(cfg, interpret)(*order(args), **kw))
                 ey, eh = rel_err(y, y_ref), rel_err(h, h_ref)
                 ok = ey < REL_TOL and eh < REL_TOL
-                report["correctness"].append(dict(case=name, shape=[b, L, d, s], config=cfg_name(cfg),
-                                                  rel_err_y=ey, rel_err_state=eh, ok=ok))
+                report.add("correctness", dict(case=name, shape=[b, L, d, s], config=cfg_name(cfg),
+                                               rel_err_y=ey, rel_err_state=eh, ok=ok))
                 log(f"correctness {name:5s} {cfg_name(cfg):30s} rel_err y {ey:.2e} state {eh:.2e} "
                     f"{'OK' if ok else 'FAIL'}")
             except Exception as e:
-                record_error(f"correctness {name} {cfg_name(cfg)}", e)
-    write()
+                report.error(f"correctness {name} {cfg_name(cfg)}", e)
 
     # ---- copy bandwidth ----------------------------------------------------------------------
     try:
-        n = (1 << 16) if dry else (1 << 28)  # 1 GiB of f32 on the GPU
-        buf = jnp.ones((n,), jnp.float32)
-        copy = jax.jit(lambda v: v + 1.0)
-        t = time_fn(copy, buf, runs=10, max_seconds=3.0)
-        report["copy_bandwidth_GBps"] = 2 * n * 4 / t / 1e9
-        log(f"copy bandwidth: {report['copy_bandwidth_GBps']:.1f} GB/s (read+write of {n * 4 / 2**30:.2f} GiB)")
-        del buf
+        data["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+        log(f"copy bandwidth: {data['copy_bandwidth_GBps']:.1f} GB/s")
     except Exception as e:
-        record_error("copy bandwidth", e)
-    copy_bw = report["copy_bandwidth_GBps"]
-    write()
+        report.error("copy bandwidth", e)
+    copy_bw = data["copy_bandwidth_GBps"]
+    report.write()
 
     # ---- timings -----------------------------------------------------------------------------
     def io_bytes(L):
@@ -252,24 +187,21 @@ def main():
         gbps = io_bytes(L) / t / 1e9
         row = dict(impl=impl, config=cfg, seq=L, ms=t * 1e3, GBps=gbps,
                    frac_of_copy=(gbps / copy_bw) if copy_bw else None, note=note)
-        report["timings"].append(row)
         frac = f"{row['frac_of_copy']:.2f}" if copy_bw else "-"
         log(f"  {impl:11s} {cfg:30s} L={L:6d} {t * 1e3:10.3f} ms {gbps:8.1f} GB/s  frac {frac} {note}")
-        write()
+        report.add("timings", row)
 
     pallas_best = {}
     seq_t_per_pos = None
     for li, L in enumerate(lengths):
-        if budget.left() < 15:
-            log(f"budget exhausted; skipping L={L} and later")
-            report["errors"].append(dict(where=f"L={L}", error="skipped: time budget"))
+        if not report.have_time(f"L={L} and later", 15):
             break
         log(f"--- L={L} ---")
         try:
             args, _ = make_inputs(jax.random.PRNGKey(L), batch, L, d_inner, d_state, act_dtype)
-            block(args)
+            jax.block_until_ready(args)
         except Exception as e:
-            record_error(f"inputs L={L}", e)
+            report.error(f"inputs L={L}", e)
             continue
         if li == 0:
             todo = configs
@@ -279,69 +211,65 @@ def main():
                                                             for v in dict.fromkeys(c[0] for c in ranked)]))
         first_out = None
         for cfg in todo:
-            if budget.left() < 10:
-                report["errors"].append(dict(where=f"pallas {cfg_name(cfg)} L={L}", error="skipped: time budget"))
+            if not report.have_time(f"pallas {cfg_name(cfg)} L={L}", 10):
                 continue
             try:
-                fn = pallas_fn(cfg, interpret)
-                t = time_fn(fn, *order(args), runs=5, max_seconds=3.0)
+                timing = time_call(pallas_fn(cfg, interpret), *order(args), runs=5, max_seconds=3.0)
+                t, out = timing.median, timing.output
                 if li == 0:
                     pallas_best[cfg] = t
-                out = block(fn(*order(args)))
                 if first_out is None:
                     first_out, note = out, "reference for consistency"
                 else:
                     ey, eh = (float(device_rel_err(o, r)) for o, r in zip(out, first_out))
-                    report.setdefault("consistency", []).append(
-                        dict(config=cfg_name(cfg), seq=L, rel_diff_y=ey, rel_diff_state=eh))
+                    report.add("consistency", dict(config=cfg_name(cfg), seq=L, rel_diff_y=ey, rel_diff_state=eh))
                     note = f"vs first: y {ey:.1e} h {eh:.1e}"
-                del out
+                del out, timing
                 add_timing("pallas", cfg_name(cfg), L, t, note)
             except Exception as e:
-                record_error(f"pallas {cfg_name(cfg)} L={L}", e)
+                report.error(f"pallas {cfg_name(cfg)} L={L}", e)
         del first_out
-        if budget.left() > 20:
+        if report.left() > 20:
             try:
                 assoc = jax.jit(selective_scan_associative)
-                add_timing("associative", "chunk=256", L, time_fn(assoc, *order(args), runs=3, max_seconds=5.0))
+                add_timing("associative", "chunk=256", L,
+                           time_call(assoc, *order(args), runs=3, max_seconds=5.0).median)
             except Exception as e:
-                record_error(f"associative L={L}", e)
+                report.error(f"associative L={L}", e)
         est = None if seq_t_per_pos is None else seq_t_per_pos * L
-        if est is not None and (est > a.sequential_max_s or 2 * est > budget.left() - 10):
-            log(f"  sequential skipped at L={L} (estimated {est:.1f} s per call)")
-            report["errors"].append(dict(where=f"sequential L={L}", error=f"skipped: estimated {est:.1f} s"))
-        elif budget.left() > 20:
+        if est is not None and (est > a.sequential_max_s or 2 * est > report.left() - 10):
+            report.error(f"sequential L={L}", f"skipped: estimated {est:.1f} s")
+        elif report.left() > 20:
             try:
-                t = time_fn(seq_ref, *order(args), runs=3, max_seconds=5.0)
+                t = time_call(seq_ref, *order(args), runs=3, max_seconds=5.0).median
                 seq_t_per_pos = t / L
                 add_timing("sequential", "lax.scan", L, t)
             except Exception as e:
-                record_error(f"sequential L={L}", e)
+                report.error(f"sequential L={L}", e)
         del args
 
     # ---- summary -----------------------------------------------------------------------------
-    log("\n=== summary (" + report["card"] + ") ===")
+    log("=== summary (" + data["card"] + ") ===")
     if copy_bw:
         log(f"copy bandwidth {copy_bw:.1f} GB/s")
     log(f"{'impl':11s} {'config':30s} {'L':>6s} {'ms':>10s} {'GB/s':>8s} {'frac':>5s}")
-    for r in report["timings"]:
+    for r in data["timings"]:
         frac = f"{r['frac_of_copy']:.2f}" if r["frac_of_copy"] is not None else "-"
         log(f"{r['impl']:11s} {r['config']:30s} {r['seq']:6d} {r['ms']:10.3f} {r['GBps']:8.1f} {frac:>5s}")
     for L in lengths:
-        rows = {r["impl"]: r for r in sorted(report["timings"], key=lambda r: -r["ms"]) if r["seq"] == L}
+        rows = {r["impl"]: r for r in sorted(data["timings"], key=lambda r: -r["ms"]) if r["seq"] == L}
         if "pallas" in rows:
             best, others = rows["pallas"], [k for k in ("associative", "sequential") if k in rows]
             vs = ", ".join(f"{k} takes {rows[k]['ms'] / best['ms']:.2f}x as long" for k in others)
             log(f"best pallas at L={L}: {best['config']} {best['ms']:.3f} ms" + (f" ({vs})" if vs else ""))
-            report.setdefault("best_pallas", {})[str(L)] = dict(config=best["config"], ms=best["ms"])
-    for c in report["correctness"]:
+            data.setdefault("best_pallas", {})[str(L)] = dict(config=best["config"], ms=best["ms"])
+    for c in data["correctness"]:
         log(f"correctness {c['case']:5s} {c['config']:30s} y {c['rel_err_y']:.2e} state {c['rel_err_state']:.2e}"
             f" {'OK' if c['ok'] else 'FAIL'}")
-    if report["errors"]:
-        log(f"{len(report['errors'])} errors/skips (see JSON)")
-    report["elapsed_s"] = time.perf_counter() - budget.start
-    write()
-    log(f"wrote {a.out} in {report['elapsed_s']:.1f} s")
+    if data["errors"]:
+        log(f"{len(data['errors'])} errors/skips (see JSON)")
+    report.write(finished=True)
+    log(f"wrote {a.out} in {data['elapsed_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ for name, text in sorted(pydoc_data.topics.topics.items()):
     pathlib.Path(sys.argv[1], f"{name}.txt").write_text(text, encoding="utf-8")
 PY
 jamba train --config jamba-demo --data "$work/data" --out "$work/model" --steps 300 --batch 8 --seq 128 \
-    --lr 3e-3 --warmup 30 --scan-impl sequential --save-every 100 --save-dtype bfloat16 --seed 0 "$@"
+    --lr 3e-3 --warmup 30 --scan sequential --save-every 100 --save-dtype bfloat16 --seed 0 "$@"
 if [ "$#" -eq 0 ]; then  # only the recipe itself replaces the bundled model
     cp "$work/model/"{config.json,model.safetensors,tokenizer.json,generation_config.json} jamba_jax/demo/
 fi

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..config import JambaConfig
-from ..model import abstract_params
+from ..params import abstract_params
 from .hf_keys import Entry, checkpoint_entries
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -39,8 +39,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ..config import JambaConfig
-from ..model import abstract_params
-from ..quant import QuantizedWeight, check_quantize, is_quantized_path, quantize, quantized_sharding
+from ..params import abstract_params, is_quantized
+from ..quant import QuantizedWeight, check_quantize, quantize, quantized_sharding
 from .atomic_dir import atomic_output_dir, check_distinct
 from .hf_checkpoint import CheckpointError, iter_hf_leaves, open_hf_checkpoint
 from .manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, build_manifest, check_params, copy_aux_files,
@@ -162,7 +162,7 @@ def stored_leaves(abstract: dict[tuple, jax.ShapeDtypeStruct], quantization: str
     and ``path + ("scale",)`` (fp32, the contraction axis dropped)."""
     out = {}
     for path, sds in abstract.items():
-        if quantization is not None and is_quantized_path(path):
+        if quantization is not None and is_quantized(path):
             out[path + ("q",)] = jax.ShapeDtypeStruct(sds.shape, jnp.int8)
             out[path + ("scale",)] = jax.ShapeDtypeStruct(sds.shape[:-2] + sds.shape[-1:], jnp.float32)
         else:
@@ -217,7 +217,7 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool
                 bar.update(nbytes)
 
             for path, leaf in iter_hf_leaves(ckpt, np_dtype, tick):
-                if quantize is not None and is_quantized_path(path):
+                if quantize is not None and is_quantized(path):
                     q, scale = quantize_leaf(leaf)
                     del leaf
                     writer.write(tmp / leaf_dir(path + ("q",)), q)
@@ -238,8 +238,9 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool
 
 
 def restore_params(directory: str | Path, *, dtype=None, mesh: Mesh | None = None,
-                   shardings: Any = None) -> tuple[JambaConfig, dict]:
-    """``(config, params)`` of the converted checkpoint in ``directory``. With ``mesh`` and/or
+                   shardings: Any = None) -> tuple[JambaConfig, dict, str | None]:
+    """``(config, params, quantization)`` of the converted checkpoint in ``directory`` (``quantization``:
+    the manifest's, ``"experts-int8"`` or None). With ``mesh`` and/or
     ``shardings`` each leaf is restored straight into its sharding (see ``placement.leaf_shardings``):
     every device reads only its shard, so no host holds the model.
 
@@ -268,14 +269,14 @@ def restore_params(directory: str | Path, *, dtype=None, mesh: Mesh | None = Non
     params = {}
     for path, sds in abstract.items():
         sharding = None if placement is None else placement[path]
-        if quantization is not None and is_quantized_path(path):
+        if quantization is not None and is_quantized(path):
             parts = stored_leaves({path: sds}, quantization)
             where = quantized_sharding(sharding, sds.ndim) if sharding is not None else QuantizedWeight(None, None)
             params[path] = QuantizedWeight(read(path + ("q",), parts[path + ("q",)], where.q),
                                            read(path + ("scale",), parts[path + ("scale",)], where.scale))
         else:
             params[path] = read(path, sds, sharding)
-    return config, traverse_util.unflatten_dict(params)
+    return config, traverse_util.unflatten_dict(params), quantization
 
 
 def _write_json(file: Path, obj) -> None:

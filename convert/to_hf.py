@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from ..config import JambaConfig
-from ..model import abstract_params
+from ..params import abstract_params
 from .atomic_dir import atomic_output_dir, check_distinct
 from .hf_checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, hf_shape
 from .hf_keys import Entry, checkpoint_entries

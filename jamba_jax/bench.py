@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import importlib
 import json
 import os
 import platform
@@ -40,6 +39,8 @@ import numpy as np
 
 from .api import Jamba
 from .cache import cache_bytes
+from .generate import generate, prefill_layout
+from .steps import init_cache, prefill
 from .config import JambaConfig
 
 DEFAULT_CONFIG = "jamba-small"
@@ -83,7 +84,7 @@ def parse_lengths(text: str) -> list[int]:
 def _param_shapes(config: JambaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     from flax import traverse_util
 
-    from .model import abstract_params
+    from .params import abstract_params
 
     return {path: a.shape for path, a in traverse_util.flatten_dict(abstract_params(config)).items()}
 
@@ -231,25 +232,19 @@ def warm_up_jamba(model: Jamba, prompt: list[int], new: int) -> None:
     """Compiles and runs once what ``generate(model, [prompt], max_new_tokens=new)`` runs, without the
     decode: a full prefill of the prompt through a cache of that shape (HF's warm-up is one full-length
     forward; after one piece of each shape only, the first full prefill of a 4K prompt ran 9% slower than
-    the next ones) and the decode loop (run with the first token as its EOS, so it stops at once). Falls
-    back to one untimed ``generate`` call if the generation internals differ from what this expects."""
-    gen = importlib.import_module("jamba_jax.generate")  # the package's `generate` is the function
-    try:
-        spec = gen._spec(model, 0.0, None, None)
-        pad_id = model.config.pad_token_id or 0
-        jax.block_until_ready((jnp.asarray((-1,), jnp.int32), jnp.int32(pad_id)))  # generate's small arrays
-        first, cache, key = gen._prefill(model, spec, [prompt], new, gen.DEFAULT_CHUNK, jax.random.key(0))
-        out, _ = gen._decode_loop(model.params, cache, first, key, first.astype(jnp.int32), jnp.int32(pad_id),
-                                  spec=spec, max_new_tokens=new)
-        jax.block_until_ready(out)
-    except (AttributeError, TypeError, ValueError):
-        gen.generate(model, [prompt], max_new_tokens=new, stop_ids=[])
+    the next ones), then ``generate`` itself with the first token as its EOS, which compiles the decode
+    loop and stops it at once."""
+    length, max_len, _ = prefill_layout(len(prompt), new)  # generate's padded prompt and cache
+    valid = np.arange(length) >= length - len(prompt)
+    ids = np.zeros((1, length), np.int32)
+    ids[0, valid] = prompt
+    logits, _ = prefill(model, ids, init_cache(model, 1, max_len), valid[None])
+    first = int(np.argmax(np.asarray(logits[0], np.float32)))
+    generate(model, [prompt], max_new_tokens=new, stop_ids=[first])
 
 
 def time_jamba(model: Jamba, prompt: list[int], new: int) -> dict:
     """One warm run of ``jamba_jax.generate`` (greedy, no EOS), after ``warm_up_jamba``."""
-    from .generate import generate, prefill_layout
-
     warm_up_jamba(model, prompt, new)
     with PeakMemory() as mem:
         t0 = time.perf_counter()

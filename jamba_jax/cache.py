@@ -1,4 +1,6 @@
-"""The decode cache: K/V buffers for attention layers, conv and ssm state for Mamba layers.
+"""The decode cache: K/V buffers for attention layers, conv and ssm state for Mamba layers, described by
+one table (``CACHE_TABLE``) from which the arrays, their shapes, their shardings and their byte counts
+all derive.
 
 A plain pytree laid out like the params (``blocks/layer_{j}`` stacked over the scanned blocks,
 ``tail/layer_{j}`` for the remainder):
@@ -8,27 +10,74 @@ A plain pytree laid out like the params (``blocks/layer_{j}`` stacked over the s
 - attention layer: ``key``, ``value`` ``[(blocks,) batch, kv_heads, max_len, head_dim]`` in ``dtype``
 - Mamba layer: ``conv`` ``[(blocks,) batch, d_conv - 1, d_inner]`` in ``dtype`` (the last pre-conv
   inputs) and ``ssm`` ``[(blocks,) batch, d_inner, d_state]`` in float32 (bf16 state degrades output)
+
+The public constructor over a loaded model is ``jamba_jax.init_cache`` (``steps.init_cache``); this module
+works from a config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-from .config import ATTENTION, JambaConfig
+from .config import ATTENTION, MAMBA, JambaConfig
+
+KV_CACHE, MAMBA_STATE, BOOKKEEPING = "kv_cache", "mamba_state", "bookkeeping"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """One cache array: its leaf name, the layers that hold it (``mixer``: ``"attention"``, ``"mamba"``, or
+    None for the two top-level arrays), what it counts as (``kind``), its shape and logical axes (without
+    the stacked-block axis), and its dtype (None: the model's dtype)."""
+
+    name: str
+    mixer: str | None
+    kind: str
+    shape: Callable[[JambaConfig, int, int], tuple[int, ...]]  # (config, batch, max_len) -> shape
+    axes: tuple[str | None, ...]
+    dtype: jnp.dtype | None = None
+
+
+def _kv_shape(c: JambaConfig, batch: int, max_len: int) -> tuple[int, ...]:
+    return (batch, c.num_key_value_heads, max_len, c.head_dim)
+
+
+CACHE_TABLE: tuple[CacheEntry, ...] = (
+    CacheEntry("pos", None, BOOKKEEPING, lambda c, b, t: (), (), jnp.int32),
+    CacheEntry("valid", None, BOOKKEEPING, lambda c, b, t: (b, t), ("batch", "seq"), jnp.bool_),
+    CacheEntry("key", ATTENTION, KV_CACHE, _kv_shape, ("batch", "kv_heads", "seq", "head_dim")),
+    CacheEntry("value", ATTENTION, KV_CACHE, _kv_shape, ("batch", "kv_heads", "seq", "head_dim")),
+    CacheEntry("conv", MAMBA, MAMBA_STATE, lambda c, b, t: (b, c.mamba_d_conv - 1, c.d_inner),
+               ("batch", "d_conv", "d_inner")),
+    CacheEntry("ssm", MAMBA, MAMBA_STATE, lambda c, b, t: (b, c.d_inner, c.mamba_d_state),
+               ("batch", "d_inner", "d_state"), jnp.float32),
+)
+_BY_NAME = {e.name: e for e in CACHE_TABLE}
+
+
+def cache_entry(path) -> CacheEntry:
+    """The table row of the cache leaf at ``path`` (a tuple of keys, or a JAX key path); an error for a
+    leaf the table does not describe."""
+    name = path[-1] if isinstance(path[-1], str) else path[-1].key
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"cache leaf {name!r} has no row in cache.CACHE_TABLE") from None
 
 
 def _layer_cache(config: JambaConfig, mixer: str, lead: tuple[int, ...], batch: int, max_len: int, dtype):
-    if mixer == ATTENTION:
-        shape = (*lead, batch, config.num_key_value_heads, max_len, config.head_dim)
-        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}  # two buffers: both are donated
-    return {"conv": jnp.zeros((*lead, batch, config.mamba_d_conv - 1, config.d_inner), dtype),
-            "ssm": jnp.zeros((*lead, batch, config.d_inner, config.mamba_d_state), jnp.float32)}
+    # One buffer per entry (never shared): every one is donated.
+    return {e.name: jnp.zeros((*lead, *e.shape(config, batch, max_len)), e.dtype or dtype)
+            for e in CACHE_TABLE if e.mixer == mixer}
 
 
-def init_cache(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
-    cache = {"pos": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, max_len), bool)}
+def init_cache_arrays(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (on the default device)."""
+    cache = {e.name: jnp.zeros(e.shape(config, batch, max_len), e.dtype) for e in CACHE_TABLE if e.mixer is None}
     if config.num_blocks:
         cache["blocks"] = {f"layer_{j}": _layer_cache(config, config.mixer_type(j), (config.num_blocks,),
                                                       batch, max_len, dtype)
@@ -40,18 +89,31 @@ def init_cache(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16
 
 
 def cache_shapes(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    """``init_cache``'s pytree as ``jax.ShapeDtypeStruct`` leaves, allocating nothing."""
-    return jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype))
+    """``init_cache_arrays``'s pytree as ``jax.ShapeDtypeStruct`` leaves, allocating nothing."""
+    return jax.eval_shape(lambda: init_cache_arrays(config, batch, max_len, dtype))
+
+
+def cache_logical_axes(path, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of the cache leaf at ``path`` with ``ndim`` dimensions (a stacked leaf's leading block
+    axis is ``"layers"``)."""
+    axes = cache_entry(path).axes
+    return ("layers",) * (ndim - len(axes)) + axes
+
+
+def split_by_mixer(config: JambaConfig, entries: dict | None):
+    """A ``blocks`` or ``tail`` cache as (attention layers' entries, Mamba layers' entries), by the layer
+    plan; (None, None) without a cache."""
+    if entries is None:
+        return None, None
+    attention = {n: e for n, e in entries.items() if config.mixer_type(int(n.removeprefix("layer_"))) == ATTENTION}
+    return attention, {n: e for n, e in entries.items() if n not in attention}
 
 
 def cache_bytes(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict[str, int]:
     """Bytes of the K/V buffers (``kv_cache_bytes``) and of the Mamba state (``mamba_state_bytes``)."""
-    totals = {"kv_cache_bytes": 0, "mamba_state_bytes": 0}
-    leaves = jax.tree_util.tree_flatten_with_path(cache_shapes(config, batch, max_len, dtype))[0]
-    for path, a in leaves:
-        name = path[-1].key
-        if name in ("key", "value"):
-            totals["kv_cache_bytes"] += a.size * a.dtype.itemsize
-        elif name in ("conv", "ssm"):
-            totals["mamba_state_bytes"] += a.size * a.dtype.itemsize
+    totals = {f"{KV_CACHE}_bytes": 0, f"{MAMBA_STATE}_bytes": 0}
+    for path, a in jax.tree_util.tree_flatten_with_path(cache_shapes(config, batch, max_len, dtype))[0]:
+        kind = cache_entry(path).kind
+        if kind != BOOKKEEPING:
+            totals[f"{kind}_bytes"] += a.size * a.dtype.itemsize
     return totals

@@ -217,8 +217,8 @@ def add_train_parser(sub) -> None:
     train.add_argument("--alpha", type=float, default=0.0, help="activation-loss weight (0 = off; paper: 1e-5)")
     train.add_argument("--aux-coef", type=float, default=None, help="router aux-loss weight (default: config's)")
     train.add_argument("--remat", action="store_true", help="gradient checkpointing per block")
-    train.add_argument("--scan-impl", default="xla", choices=["xla", "associative", "sequential"],
-                       help="selective scan (xla: sequential on CPU, associative elsewhere)")
+    train.add_argument("--scan", default="xla", choices=["xla", "associative", "sequential"],
+                       help="selective scan, Kernels.scan (xla: sequential on CPU, associative elsewhere)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train a byte-level BPE)")
     train.add_argument("--vocab-size", type=int, default=None, help="BPE vocab size (default: the config's)")
@@ -230,6 +230,7 @@ def add_train_parser(sub) -> None:
     train.add_argument("--data-parallel", action="store_true", help="shard batches over all local devices")
 
     def run(args) -> int:
+        from .kernels import Kernels
         from .train import TrainConfig, data_mesh, train as train_model
 
         if min(args.steps, args.batch, args.seq - 1, args.save_every, args.keep) < 1:
@@ -238,7 +239,7 @@ def add_train_parser(sub) -> None:
         tc = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
                          min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.clip,
                          alpha=args.alpha, aux_loss_coef=args.aux_coef, remat=args.remat,
-                         scan_impl=args.scan_impl)
+                         kernels=Kernels(scan=args.scan))
         summary = train_model(JambaConfig.named(args.config), args.data, args.out, tc, batch=args.batch,
                               seq=args.seq, seed=args.seed, tokenizer_file=args.tokenizer,
                               vocab_size=args.vocab_size, save_every=args.save_every, keep=args.keep,

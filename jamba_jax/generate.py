@@ -20,12 +20,9 @@ import numpy as np
 
 from .api import Jamba, mesh_context
 from .attention import KEY_BLOCK
-from .cache import init_cache
-from .sharding import cache_shardings
-from .model import JambaLM
 from .sampling import sample
+from .steps import DEFAULT_CHUNK, ModelSpec, apply_step, decode_step, init_cache, prefill, prefill_pieces
 
-DEFAULT_CHUNK = 256
 MIN_BUCKET = 16
 
 
@@ -54,24 +51,30 @@ class GenerationResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
-    """Everything static about a model's compiled functions."""
+class Sampling:
+    """How the next token is chosen (static: part of the compiled decode loop): greedy at
+    ``temperature == 0``, else sampled with optional top-k / top-p (``sampling.sample``)."""
 
-    config: object
-    dtype: np.dtype
-    scan_impl: str
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    moe_impl: str = "xla"
-    attn_impl: str = "xla"
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
 
-    @property
-    def model(self) -> JambaLM:
-        return JambaLM(self.config, self.dtype, self.scan_impl, self.moe_impl, attn_impl=self.attn_impl)
+    def __post_init__(self):
+        if not self.temperature >= 0:  # NaN fails too
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def sample(self, logits, key):
-        return sample(logits[:, -1], key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+    def __call__(self, logits, key):
+        """Token ids ``[batch]`` int32 from logits ``[batch, vocab]``."""
+        return sample(logits, key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@functools.partial(jax.jit, static_argnames="sampling")
+def _sample(logits, key, *, sampling: Sampling):
+    return sampling(logits, key)
 
 
 class _CompileClock:
@@ -118,28 +121,15 @@ def prefill_layout(prompt_len: int, max_new_tokens: int, chunk: int = DEFAULT_CH
     """What ``generate`` runs for a batch whose longest prompt has ``prompt_len`` tokens: the padded length
     (``bucket_length``), the cache length (room for the new tokens, rounded up to whole key blocks of the
     attention, so it rarely changes and attention never pads, i.e. copies, K/V) and the lengths of the
-    prefill pieces in order (the short one first: the left padding lives there)."""
+    prefill pieces in order (``steps.prefill_pieces``)."""
     length = bucket_length(prompt_len, chunk)
     max_len = -(-(length + max_new_tokens) // KEY_BLOCK) * KEY_BLOCK
-    full, rest = divmod(length, chunk)
-    return length, max_len, (rest,) * bool(rest) + (chunk,) * full
+    return length, max_len, prefill_pieces(length, chunk)
 
 
-# The cache is donated: its buffers are updated in place rather than copied (a 256K-token cache is GBs).
-@functools.partial(jax.jit, static_argnames="spec", donate_argnames="cache")
-def _prefill_chunk(params, cache, ids, valid, key, *, spec: _Spec):
-    logits, cache = spec.model.apply({"params": params}, ids, valid, cache, last_only=True)
-    return spec.sample(logits, key), cache
-
-
-@functools.partial(jax.jit, static_argnames="spec")
-def _decode_step(params, cache, token, key, *, spec: _Spec):
-    logits, cache = spec.model.apply({"params": params}, token[:, None], None, cache, last_only=True)
-    return spec.sample(logits, key), cache
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "max_new_tokens"))
-def _decode_loop(params, cache, first, key, eos, pad_id, *, spec: _Spec, max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("spec", "sampling", "max_new_tokens"))
+def _decode_loop(params, cache, first, key, eos, pad_id, *, spec: ModelSpec, sampling: Sampling,
+                 max_new_tokens: int):
     """Decodes on device until every row has produced an EOS or ``max_new_tokens`` tokens.
     Returns tokens ``[batch, max_new_tokens]`` (``pad_id`` after a row stops) and the step count."""
     batch = first.shape[0]
@@ -153,8 +143,8 @@ def _decode_loop(params, cache, first, key, eos, pad_id, *, spec: _Spec, max_new
     def body(state):
         step, cache, token, done, out, key = state
         key, sub = jax.random.split(key)
-        nxt, cache = _decode_step(params, cache, token, sub, spec=spec)
-        nxt = jnp.where(done, pad_id, nxt)
+        logits, cache = apply_step(params, cache, token[:, None], None, spec=spec)
+        nxt = jnp.where(done, pad_id, sampling(logits, sub))
         out = out.at[:, step].set(nxt)
         return step + 1, cache, nxt, done | jnp.isin(nxt, eos), out, key
 
@@ -207,31 +197,15 @@ def _left_pad(prompts: list[list[int]], length: int, pad_id: int):
     return ids, valid
 
 
-def _prefill(model: Jamba, spec: _Spec, prompts, max_new_tokens: int, chunk: int, key):
-    length, max_len, pieces = prefill_layout(max(map(len, prompts)), max_new_tokens, chunk)
-    pad_id = model.config.pad_token_id or 0
-    ids, valid = _left_pad(prompts, length, pad_id)
-    cache = init_cache(model.config, len(prompts), max_len, model.dtype)
-    if model.mesh is not None:
-        cache = jax.device_put(cache, cache_shardings(model.mesh, cache))
-    start = 0
-    for size in pieces:
-        key, sub = jax.random.split(key)
-        first, cache = _prefill_chunk(model.params, cache, ids[:, start:start + size],
-                                      valid[:, start:start + size], sub, spec=spec)
-        start += size
-    return first, cache, key
-
-
-def _spec(model: Jamba, temperature, top_k, top_p) -> _Spec:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    return _Spec(model.config, np.dtype(model.dtype), model.scan_impl, float(temperature), top_k, top_p,
-                 model.moe_impl, model.attn_impl)
+def _prefill(model: Jamba, sampling: Sampling, prompts, max_new_tokens: int, chunk: int, key):
+    """The prompts left-padded to their bucket and prefilled into a new cache: (first new token
+    ``[batch]``, cache, the key left for decoding)."""
+    length, max_len, _ = prefill_layout(max(map(len, prompts)), max_new_tokens, chunk)
+    ids, valid = _left_pad(prompts, length, model.config.pad_token_id or 0)
+    cache = init_cache(model, len(prompts), max_len)
+    logits, cache = prefill(model, ids, cache, valid, chunk_size=chunk)
+    key, sub = jax.random.split(key)
+    return _sample(logits, sub, sampling=sampling), cache, key
 
 
 def _truncate(tokens: Sequence[int], eos: tuple[int, ...]) -> list[int]:
@@ -288,23 +262,24 @@ def generate(model: Jamba, prompts, *, max_new_tokens: int = 64, temperature: fl
     if stop and model.tokenizer is None:
         raise ValueError("stop strings need the model's tokenizer; use stop_ids")
     encoded = encode_prompts(model, prompts)
-    spec = _spec(model, temperature, top_k, top_p)
+    sampling = Sampling(float(temperature), top_k, top_p)
     eos = tuple(stop_ids) if stop_ids is not None else stop_token_ids(model)
-    runner = _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size)
+    runner = _stream(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_size)
     if stream:
         return runner
-    return _run(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size)
+    return _run(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_size)
 
 
-def _run(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> GenerationResult:
+def _run(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> GenerationResult:
     t0 = time.perf_counter()
     with mesh_context(model), _CompileClock() as clock:
-        first, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
+        first, cache, key = _prefill(model, sampling, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
         first.block_until_ready()
         t1, prefill_compile = time.perf_counter(), clock.seconds
         pad_id = model.config.pad_token_id or 0
         out, _ = _decode_loop(model.params, cache, first, key, jnp.asarray(eos or (-1,), jnp.int32),
-                              jnp.int32(pad_id), spec=spec, max_new_tokens=max_new_tokens)
+                              jnp.int32(pad_id), spec=ModelSpec.of(model), sampling=sampling,
+                              max_new_tokens=max_new_tokens)
         out = np.asarray(out)
     t2 = time.perf_counter()
     return _finish(model, out, encoded, eos, stop, t1 - t0 - prefill_compile,
@@ -320,11 +295,11 @@ def _finish(model, out, encoded, eos, stop, prefill_s, decode_s, compile_s) -> G
     return GenerationResult(tokens, text, [len(p) for p in encoded], prefill_s, decode_s, compile_s)
 
 
-def _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> Iterator[list]:
-    clock = _CompileClock()  # entered, like the mesh, around this code only: the caller's runs between yields
+def _stream(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_size) -> Iterator[list]:
+    clock = _CompileClock()  # entered around this code only: the caller's runs between yields
     t0 = time.perf_counter()
-    with mesh_context(model), clock:
-        token, cache, key = _prefill(model, spec, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
+    with clock:
+        token, cache, key = _prefill(model, sampling, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
         token = np.asarray(token)
     t1, prefill_compile = time.perf_counter(), clock.seconds
     batch = len(encoded)
@@ -333,9 +308,9 @@ def _stream(model, spec, encoded, max_new_tokens, seed, eos, stop, chunk_size) -
     for step in range(max_new_tokens):
         if step:
             key, sub = jax.random.split(key)
-            with mesh_context(model), clock:
-                token, cache = _decode_step(model.params, cache, jnp.asarray(token), sub, spec=spec)
-                token = np.asarray(token)
+            with clock:
+                logits, cache = decode_step(model, token, cache)
+                token = np.asarray(_sample(logits, sub, sampling=sampling))
         emitted = []
         for row in range(batch):
             if done[row]:

@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from .cache import cache_bytes
 from .config import JambaConfig
-from .model import abstract_params
+from .params import abstract_params
 
 
 def _nbytes(a: jax.ShapeDtypeStruct) -> int:

@@ -7,10 +7,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from .params import normal_init, ones_init, zeros_init
 from .quant import dot
 
 Dtype = Any
-default_init = nn.initializers.normal(stddev=0.02)
 
 
 class Linear(nn.Module):
@@ -25,11 +25,11 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         features = self.features if isinstance(self.features, tuple) else (self.features,)
-        kernel = self.param("kernel", default_init, (x.shape[-1], *features), self.dtype)
+        kernel = self.param("kernel", normal_init, (x.shape[-1], *features), self.dtype)
         x = x.astype(self.dtype)
         y = dot(x, kernel) if len(features) == 1 else jnp.tensordot(x, kernel, axes=1)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, features, self.dtype)
+            y = y + self.param("bias", zeros_init, features, self.dtype)
         return y
 
 
@@ -48,5 +48,5 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        weight = self.param("weight", ones_init, (x.shape[-1],), self.dtype)
         return rms_norm(x, weight, self.eps)

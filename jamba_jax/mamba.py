@@ -4,12 +4,11 @@ RMSNorms) -> gate -> out_proj."""
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .config import JambaConfig
-from .layers import Dtype, Linear, RMSNorm, default_init
+from .layers import Dtype, Linear, RMSNorm
+from .params import a_log_init, conv_init, normal_init, ones_init, zeros_init
 from .scan import selective_scan
 from .sharding import constrain
 
@@ -31,17 +30,6 @@ def causal_conv1d(x, kernel, bias=None, state=None):
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype), padded[:, seq:]
-
-
-def _a_log_init(key, shape, dtype):
-    d_inner, d_state = shape
-    return jnp.broadcast_to(jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32)), shape).astype(dtype)
-
-
-def _conv_init(key, shape, dtype):
-    width, _ = shape
-    bound = 1.0 / np.sqrt(width)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class Mamba(nn.Module):
@@ -72,8 +60,8 @@ class Mamba(nn.Module):
         xs, z = zero_padding(xz[..., 0, :]), xz[..., 1, :]
         xs, z = constrain(xs, "batch", "seq", "d_inner"), constrain(z, "batch", "seq", "d_inner")
 
-        conv_kernel = self.param("conv_kernel", _conv_init, (cfg.mamba_d_conv, d_inner), self.dtype)
-        conv_bias = (self.param("conv_bias", nn.initializers.zeros, (d_inner,), self.dtype)
+        conv_kernel = self.param("conv_kernel", conv_init, (cfg.mamba_d_conv, d_inner), self.dtype)
+        conv_bias = (self.param("conv_bias", zeros_init, (d_inner,), self.dtype)
                      if cfg.mamba_conv_bias else None)
         xs, conv_state = causal_conv1d(xs, conv_kernel, conv_bias, None if cache is None else cache["conv"])
         xs = zero_padding(nn.silu(xs))
@@ -84,9 +72,9 @@ class Mamba(nn.Module):
         B = RMSNorm(cfg.rms_norm_eps, self.dtype, name="b_layernorm")(B)
         C = RMSNorm(cfg.rms_norm_eps, self.dtype, name="c_layernorm")(C)
         dt = Linear(d_inner, dtype=self.dtype, name="dt_proj")(dt)
-        dt_bias = self.param("dt_bias", default_init, (d_inner,), self.dtype)
-        a_log = self.param("A_log", _a_log_init, (d_inner, d_state), self.dtype)
-        D = self.param("D", nn.initializers.ones, (d_inner,), self.dtype)
+        dt_bias = self.param("dt_bias", normal_init, (d_inner,), self.dtype)
+        a_log = self.param("A_log", a_log_init, (d_inner, d_state), self.dtype)
+        D = self.param("D", ones_init, (d_inner,), self.dtype)
         A = -jnp.exp(a_log.astype(jnp.float32))
 
         y, ssm_state = selective_scan(xs, dt, A, B, C, D, z, dt_bias, mask=token_valid, impl=self.scan_impl,

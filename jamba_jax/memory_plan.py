@@ -58,12 +58,11 @@ def memory_plan(config, mesh, *, context: int, batch: int = 1, dtype="bfloat16",
     (``chunk`` tokens, default ``generate``'s) and of the decode step (``prefill_temp``, ``decode_temp``,
     from the fp32 proxy described in the module docstring), and ``peak``, their sum with the larger
     scratch."""
-    from .api import Jamba
     from .cache import cache_shapes
-    from .generate import DEFAULT_CHUNK, _decode_step, _prefill_chunk, _spec
-    from .model import abstract_params
+    from .params import abstract_params
     from .quant import check_quantize, quantize_params
     from .sharding import cache_shardings, param_shardings
+    from .steps import DEFAULT_CHUNK, ModelSpec, decode_logits, prefill_chunk
 
     check_quantize(quantize)
     chunk = chunk or DEFAULT_CHUNK
@@ -85,17 +84,16 @@ def memory_plan(config, mesh, *, context: int, batch: int = 1, dtype="bfloat16",
     param_bytes = sum(_shard_bytes(a) for a in jax.tree.leaves(params))
 
     proxy_params, proxy_cache = sharded_params(jnp.float32), sharded_cache(jnp.float32)
-    spec = _spec(Jamba(config, proxy_params, quantize=quantize, mesh=mesh), 0.0, None, None)
+    spec = ModelSpec(config, np.dtype(jnp.float32))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
 
     def tokens(shape, kind):
         return jax.ShapeDtypeStruct(shape, kind, sharding=replicated)
 
     with jax.set_mesh(mesh):
-        prefill = _prefill_chunk.lower(proxy_params, proxy_cache, tokens((batch, chunk), jnp.int32),
-                                       tokens((batch, chunk), jnp.bool_), key, spec=spec).compile()
-        decode = _decode_step.lower(proxy_params, proxy_cache, tokens((batch,), jnp.int32), key, spec=spec).compile()
+        prefill = prefill_chunk.lower(proxy_params, proxy_cache, tokens((batch, chunk), jnp.int32),
+                                      tokens((batch, chunk), jnp.bool_), spec=spec).compile()
+        decode = decode_logits.lower(proxy_params, proxy_cache, tokens((batch,), jnp.int32), spec=spec).compile()
     prefill_temp, decode_temp = _temp_bytes(prefill), _temp_bytes(decode)
     return {
         "devices": int(np.prod(list(mesh.shape.values()))),

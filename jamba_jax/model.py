@@ -3,12 +3,12 @@
 Layer ``i`` lives at ``blocks/layer_{i % P}[i // P]`` (params stacked over the ``num_blocks`` leading
 axis and scanned with ``nn.scan``, so compile time does not grow with depth) or, for the last
 ``num_hidden_layers % P`` layers, at ``tail/layer_{i - num_blocks * P}``. ``P`` is
-``config.block_size``.
+``config.block_size``. The params these modules declare are those of ``params.PARAM_TABLE``, which gives
+their shapes, axes and initializers.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from .attention import Attention
+from .cache import split_by_mixer
 from .config import ATTENTION, JambaConfig
+from .kernels import Kernels
 from .layers import Dtype, Linear, RMSNorm
 from .mamba import Mamba
+from .params import normal_init
 from .moe import MLP, MoE
 from .sharding import constrain
 
@@ -32,24 +35,22 @@ class DecoderLayer(nn.Module):
     mixer: str
     moe: bool
     dtype: Dtype = jnp.float32
-    scan_impl: str = "xla"
-    moe_impl: str = "xla"
-    attn_impl: str = "xla"
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x, token_valid, cache=None, pos=None, kv_valid=None, block=None):
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         if self.mixer == ATTENTION:
-            h, cache = Attention(cfg, self.dtype, self.attn_impl, name="self_attn")(h, token_valid, cache, pos, kv_valid,
-                                                                                   block)
+            attention = Attention(cfg, self.dtype, self.kernels.attention, name="self_attn")
+            h, cache = attention(h, token_valid, cache, pos, kv_valid, block)
         else:
-            h, cache = Mamba(cfg, self.dtype, self.scan_impl, name="mamba")(h, token_valid, cache)
+            h, cache = Mamba(cfg, self.dtype, self.kernels.scan, name="mamba")(h, token_valid, cache)
         self.sow("intermediates", f"{self.mixer}_out", h)  # "mamba_out" / "attention_out", for training losses
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="pre_ff_layernorm")(x)
         if self.moe:
-            ffn = MoE(cfg, self.dtype, self.moe_impl, name="feed_forward")
+            ffn = MoE(cfg, self.dtype, self.kernels.moe_int8, name="feed_forward")
         else:
             ffn = MLP(cfg, self.dtype, name="feed_forward")
         h = ffn(h)
@@ -69,9 +70,7 @@ class Block(nn.Module):
     config: JambaConfig
     positions: Sequence[int]
     dtype: Dtype = jnp.float32
-    scan_impl: str = "xla"
-    moe_impl: str = "xla"
-    attn_impl: str = "xla"
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, carry, token_valid, cache=None, pos=None, kv_valid=None, block=None):
@@ -80,8 +79,7 @@ class Block(nn.Module):
         new_cache = None if cache is None else {}
         for j in self.positions:
             name, mixer = f"layer_{j}", self.config.mixer_type(j)
-            layer = DecoderLayer(self.config, mixer, self.config.is_moe(j), self.dtype,
-                                 self.scan_impl, self.moe_impl, self.attn_impl, name=name)
+            layer = DecoderLayer(self.config, mixer, self.config.is_moe(j), self.dtype, self.kernels, name=name)
             entries, new_entries = (kv, kv) if mixer == ATTENTION else (cache, new_cache)
             x, entry = layer(x, token_valid, None if entries is None else entries[name], pos, kv_valid, block)
             if new_entries is not None:
@@ -89,20 +87,11 @@ class Block(nn.Module):
         return (x, kv), new_cache
 
 
-def _split_cache(entries):
-    """A ``blocks`` or ``tail`` cache as (attention entries, Mamba entries); (None, None) without a cache."""
-    if entries is None:
-        return None, None
-    attention = {n: e for n, e in entries.items() if "key" in e}
-    return attention, {n: e for n, e in entries.items() if n not in attention}
-
-
 class JambaLM(nn.Module):
     """``input_ids [batch, seq]`` int, ``token_valid [batch, seq]`` bool or None -> logits
     ``[batch, seq, vocab]`` in ``dtype`` (``[batch, 1, vocab]`` for the last position with
-    ``last_only``). ``scan_impl`` picks the selective scan (``scan.SCAN_IMPLS``), ``moe_impl`` the
-    grouped matmul of int8 expert weights (``quant.MOE_IMPLS``; float weights always use ``ragged_dot``),
-    ``attn_impl`` the attention kernels (``attention.ATTENTION_IMPLS``).
+    ``last_only``). ``kernels`` picks the implementation of the scan, the attention and the int8 MoE
+    matmul (``jamba_jax.Kernels``).
 
     With ``cache`` (see ``jamba_jax.cache``) the tokens continue the cached sequences at slot
     ``cache["pos"]`` and ``(logits, new_cache)`` is returned.
@@ -114,16 +103,14 @@ class JambaLM(nn.Module):
 
     config: JambaConfig
     dtype: Dtype = jnp.float32
-    scan_impl: str = "xla"
-    moe_impl: str = "xla"
+    kernels: Kernels = Kernels()
     remat: bool = False
-    attn_impl: str = "xla"
 
     @nn.compact
     def __call__(self, input_ids, token_valid=None, cache=None, last_only: bool = False):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+                         embedding_init=normal_init, name="embed_tokens")
         x = constrain(embed(input_ids), "batch", "seq", "embed")
         pos = kv_valid = None
         new_cache = None
@@ -138,9 +125,8 @@ class JambaLM(nn.Module):
             block = nn.remat(Block, prevent_cse=False) if self.remat else Block
             blocks = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, 0), length=cfg.num_blocks)
-            scanned = blocks(cfg, tuple(range(period)), self.dtype, self.scan_impl, self.moe_impl,
-                             self.attn_impl, name="blocks")
-            kv, mamba = _split_cache(None if cache is None else cache["blocks"])
+            scanned = blocks(cfg, tuple(range(period)), self.dtype, self.kernels, name="blocks")
+            kv, mamba = split_by_mixer(cfg, None if cache is None else cache["blocks"])
             index = None if cache is None else jnp.arange(cfg.num_blocks)
             (x, kv), mamba = scanned((x, kv), token_valid, mamba, pos, kv_valid, index)
             if cache is not None:
@@ -148,8 +134,8 @@ class JambaLM(nn.Module):
         if cfg.num_tail_layers:
             layers = tuple(range(cfg.num_tail_layers))
             block = nn.remat(Block) if self.remat else Block
-            tail = block(cfg, layers, self.dtype, self.scan_impl, self.moe_impl, self.attn_impl, name="tail")
-            kv, mamba = _split_cache(None if cache is None else cache["tail"])
+            tail = block(cfg, layers, self.dtype, self.kernels, name="tail")
+            kv, mamba = split_by_mixer(cfg, None if cache is None else cache["tail"])
             (x, kv), mamba = tail((x, kv), token_valid, mamba, pos, kv_valid)
             if cache is not None:
                 new_cache["tail"] = {**mamba, **kv}
@@ -161,26 +147,3 @@ class JambaLM(nn.Module):
         else:
             logits = Linear(cfg.vocab_size, dtype=self.dtype, name="lm_head")(x)
         return logits if cache is None else (logits, new_cache)
-
-
-def layer_location(config: JambaConfig, layer: int) -> tuple[tuple[str, ...], int | None]:
-    """Where layer ``layer``'s params live: (path prefix, index along the stacked block axis or None)."""
-    period = config.block_size
-    block, pos = divmod(layer, period)
-    if block < config.num_blocks:
-        return ("blocks", f"layer_{pos}"), block
-    return ("tail", f"layer_{layer - config.num_blocks * period}"), None
-
-
-def abstract_params(config: JambaConfig, dtype=jnp.float32):
-    """The param pytree as ``jax.ShapeDtypeStruct`` leaves, without allocating."""
-    model = JambaLM(config, dtype)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda key, i: model.init(key, i)["params"], jax.random.key(0), ids)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def init_params(config: JambaConfig, key, dtype=jnp.float32):
-    """Random params (HF-like initialisation) as a plain pytree. Compiled: Flax's eager init dispatches
-    every op of the traced forward one by one (1.6x slower at jamba-tiny)."""
-    return JambaLM(config, dtype).init(key, jnp.zeros((1, 1), jnp.int32))["params"]

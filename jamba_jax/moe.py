@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from .config import JambaConfig
-from .layers import Dtype, Linear, default_init
+from .layers import Dtype, Linear
 from .moe_parallel import sharded_experts_ffn
-from .quant import MOE_IMPLS, QuantizedWeight, int8_ragged_dot
+from .params import normal_init
+from .quant import MOE_INT8_IMPLS, QuantizedWeight, int8_ragged_dot
 
 
 class MLP(nn.Module):
@@ -90,11 +91,11 @@ def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl: str
     grouped = grouped or grouped_matmul()
     if grouped not in GROUPED_MATMULS:
         raise ValueError(f"unknown grouped matmul {grouped!r}; expected one of {GROUPED_MATMULS}")
-    if impl not in MOE_IMPLS:
-        raise ValueError(f"unknown moe_impl {impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
+    if impl not in MOE_INT8_IMPLS:
+        raise ValueError(f"unknown Kernels.moe_int8 {impl!r}; expected one of {', '.join(map(repr, MOE_INT8_IMPLS))}")
     projs = (gate_proj, up_proj, down_proj)
     quantized = any(isinstance(w, QuantizedWeight) for w in projs)
-    if grouped == "tiled" and not (quantized and impl == "pallas-interpret"):  # the kernel needs the sorted layout
+    if grouped == "tiled" and not (quantized and impl.endswith("-interpret")):  # the kernel needs the sorted layout
         projs = tuple(w if isinstance(w, QuantizedWeight) else w.astype(x.dtype) for w in projs)
         out = (_rows_ffn if few_rows(expert_ids, gate_proj.shape[0]) else _tiled_ffn)(x, expert_ids, *projs)
     else:
@@ -267,6 +268,6 @@ class Experts(nn.Module):
     @nn.compact
     def __call__(self):
         E, H, inter = self.num_experts, self.hidden, self.inter
-        return (self.param("gate_proj", default_init, (E, H, inter), self.dtype),
-                self.param("up_proj", default_init, (E, H, inter), self.dtype),
-                self.param("down_proj", default_init, (E, inter, H), self.dtype))
+        return (self.param("gate_proj", normal_init, (E, H, inter), self.dtype),
+                self.param("up_proj", normal_init, (E, H, inter), self.dtype),
+                self.param("down_proj", normal_init, (E, inter, H), self.dtype))

@@ -18,41 +18,40 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .quant import QuantizedWeight
+from .params import layer_row
+from .quant import QuantizedWeight, quantized_spec
 from .sharding import active_mesh, spec_for
 
 
-def _weight_spec(w, expert_axis, tensor_axis, down: bool):
-    """gate/up ``[experts, hidden, inter]``: (expert, None, tensor); down ``[experts, inter, hidden]``:
-    (expert, tensor, None). A ``QuantizedWeight``'s scale ``[experts, out]`` drops the contraction axis."""
-    spec = P(expert_axis, tensor_axis, None) if down else P(expert_axis, None, tensor_axis)
-    if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(spec, P(spec[0], spec[2]))
-    return spec
+def _weight_spec(mesh, w, proj: str):
+    """The ``shard_map`` spec of one expert weight ``[experts, in, out]`` (a per-block slice): its param
+    row's logical axes under the sharding rules; a ``QuantizedWeight``'s scale drops the contraction axis."""
+    axes = layer_row(("feed_forward", "experts", proj)).axes
+    spec = spec_for(mesh, w.shape, axes)
+    return QuantizedWeight(spec, quantized_spec(spec, len(axes))) if isinstance(w, QuantizedWeight) else spec
 
 
 def sharded_experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl: str, ffn):
     """``ffn(x, expert_ids, weights, gate, up, down, impl)`` (``moe.experts_ffn``'s signature, which gives
     0 for ids past its experts) run expert- and tensor-parallel over the active mesh; shapes as
-    ``moe.experts_ffn``. The (token, choice) pairs of other devices' experts get id ``local experts``. Returns None when there is no mesh to use (no active mesh, both
-    axes of size 1, or sizes that do not divide the experts / hidden width): the caller then runs ``ffn``
-    as is."""
+    ``moe.experts_ffn``. The (token, choice) pairs of other devices' experts get id ``local experts``.
+    Returns None when there is no mesh to use (no active mesh, or the rules shard neither the experts nor
+    the hidden width, e.g. sizes that do not divide them): the caller then runs ``ffn`` as is."""
     mesh = active_mesh()
     if mesh is None:
         return None
-    n_exp = mesh.shape.get("expert", 1)
-    n_tp = mesh.shape.get("tensor", 1)
-    num_experts, _, inter = (gate_proj.q if isinstance(gate_proj, QuantizedWeight) else gate_proj).shape
-    if n_exp * n_tp == 1 or num_experts % n_exp or inter % n_tp:
+    projs = (gate_proj, up_proj, down_proj)
+    specs = tuple(_weight_spec(mesh, w, p) for w, p in zip(projs, ("gate_proj", "up_proj", "down_proj")))
+    gate_spec = specs[0].q if isinstance(gate_proj, QuantizedWeight) else specs[0]
+    expert_axis, _, tensor_axis = tuple(gate_spec) + (None,) * (3 - len(gate_spec))
+    if expert_axis is None and tensor_axis is None:
         return None
-    expert_axis = "expert" if n_exp > 1 else None
-    tensor_axis = "tensor" if n_tp > 1 else None
     rows = spec_for(mesh, x.shape[:1], ("batch",))[0]  # tokens split over "data" when it divides them
     row_spec = P(rows, None)
 
     def local(x, expert_ids, weights, gate_proj, up_proj, down_proj):
-        local_experts = (gate_proj.q if isinstance(gate_proj, QuantizedWeight) else gate_proj).shape[0]
-        first = jax.lax.axis_index("expert") * local_experts if expert_axis else 0
+        local_experts = gate_proj.shape[0]
+        first = jax.lax.axis_index(expert_axis) * local_experts if expert_axis else 0
         ids = expert_ids - first
         mine = (ids >= 0) & (ids < local_experts)
         ids = jnp.where(mine, ids, local_experts)  # other devices' pairs: past this device's experts
@@ -60,8 +59,5 @@ def sharded_experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, i
         axes = tuple(a for a in (expert_axis, tensor_axis) if a)
         return jax.lax.psum(out.astype(jnp.float32), axes).astype(out.dtype)
 
-    in_specs = (row_spec, row_spec, row_spec, _weight_spec(gate_proj, expert_axis, tensor_axis, False),
-                _weight_spec(up_proj, expert_axis, tensor_axis, False),
-                _weight_spec(down_proj, expert_axis, tensor_axis, True))
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=row_spec, check_vma=False)(
-        x, expert_ids, weights, gate_proj, up_proj, down_proj)
+    return jax.shard_map(local, mesh=mesh, in_specs=(row_spec, row_spec, row_spec, *specs), out_specs=row_spec,
+                         check_vma=False)(x, expert_ids, weights, *projs)

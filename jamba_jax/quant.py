@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .params import is_quantized
+
 EXPERTS_INT8 = "experts-int8"
 QUANTIZE_MODES = (EXPERTS_INT8,)
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @jax.tree_util.register_dataclass
@@ -55,22 +56,20 @@ def check_quantize(mode: str | None) -> str | None:
     return mode
 
 
-def is_quantized_path(path: tuple[str, ...]) -> bool:
-    """Whether ExpertsInt8 quantizes the param at ``path``: an expert weight
-    ``(..., "feed_forward", "experts", proj)`` or a dense MLP kernel ``(..., "feed_forward", proj, "kernel")``."""
-    if len(path) >= 3 and path[-3:-1] == ("feed_forward", "experts") and path[-1] in PROJECTIONS:
-        return True
-    return len(path) >= 3 and path[-3] == "feed_forward" and path[-2] in PROJECTIONS and path[-1] == "kernel"
+def quantized_spec(spec: PartitionSpec, ndim: int) -> PartitionSpec:
+    """The ``PartitionSpec`` of the scale of a weight of rank ``ndim`` partitioned by ``spec``: the
+    contraction axis (``ndim - 2``) dropped."""
+    spec = tuple(spec) + (None,) * (ndim - len(spec))
+    return PartitionSpec(*spec[:ndim - 2], spec[ndim - 1])
 
 
 def quantized_sharding(sharding, ndim: int):
     """The ``QuantizedWeight`` of shardings for a weight of rank ``ndim`` placed with ``sharding``: ``q``
-    exactly as the weight, ``scale`` with the contraction axis (``ndim - 2``) dropped from the
-    ``PartitionSpec``. Shardings other than ``NamedSharding`` (e.g. one device) apply to both as they are."""
+    exactly as the weight, ``scale`` by ``quantized_spec``. Shardings other than ``NamedSharding`` (e.g.
+    one device) apply to both as they are."""
     if not isinstance(sharding, NamedSharding):
         return QuantizedWeight(sharding, sharding)
-    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    scale_spec = PartitionSpec(*spec[:ndim - 2], spec[ndim - 1])
+    scale_spec = quantized_spec(sharding.spec, ndim)
     return QuantizedWeight(sharding, NamedSharding(sharding.mesh, scale_spec, memory_kind=sharding.memory_kind))
 
 
@@ -111,7 +110,7 @@ def quantize_params(params, config, mode: str = EXPERTS_INT8):
         return params
     flat = traverse_util.flatten_dict(params)
     for path, leaf in flat.items():
-        if is_quantized_path(path) and not isinstance(leaf, QuantizedWeight):
+        if is_quantized(path) and not isinstance(leaf, QuantizedWeight):
             flat[path] = quantize(leaf)
     if not _complete(flat, config):
         raise ValueError(f"quantize_params: the params do not hold the three feed-forward projections of "
@@ -123,7 +122,7 @@ def _complete(flat, config) -> bool:
     """Every layer's three feed-forward projections are ``QuantizedWeight``s."""
     layers = 0
     for path, leaf in flat.items():
-        if is_quantized_path(path):
+        if is_quantized(path):
             if not isinstance(leaf, QuantizedWeight):
                 return False
             layers += leaf.shape[0] if path[0] == "blocks" else 1
@@ -139,7 +138,7 @@ def dot(x: jax.Array, kernel) -> jax.Array:
     return (y * kernel.scale).astype(x.dtype)
 
 
-MOE_IMPLS = ("xla", "pallas", "pallas-interpret")
+MOE_INT8_IMPLS = ("xla", "pallas", "pallas-interpret")
 
 
 def pallas_config(rows: int, k: int, n: int) -> dict:
@@ -174,8 +173,8 @@ def int8_ragged_dot(lhs: jax.Array, w: QuantizedWeight, group_sizes: jax.Array, 
     ``impl``: ``"xla"`` (``jax.lax.ragged_dot`` on the weights cast to ``lhs.dtype``), ``"pallas"`` (the
     Pallas kernel with ``pallas_config`` on GPU; the XLA path on other backends) or ``"pallas-interpret"``
     (the kernel in the Pallas interpreter, any backend; slow, for tests)."""
-    if impl not in MOE_IMPLS:
-        raise ValueError(f"unknown moe_impl {impl!r}; expected one of {', '.join(map(repr, MOE_IMPLS))}")
+    if impl not in MOE_INT8_IMPLS:
+        raise ValueError(f"unknown Kernels.moe_int8 {impl!r}; expected one of {', '.join(map(repr, MOE_INT8_IMPLS))}")
     from pallas_kernels import int8_ragged_dot as kernels  # imported at trace time only
 
     if impl == "xla" or (impl == "pallas" and jax.default_backend() != "gpu"):

@@ -21,6 +21,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .params import param_logical_axes
+
 MESH_AXES = ("data", "expert", "tensor")
 
 RULES: dict[str, str | None] = {
@@ -33,6 +35,7 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "d_inner": "tensor",
     "d_state": None,
+    "dt_rank": None,
     "d_conv": None,
     "xz": None,  # Mamba in_proj's (x, z) pair axis
     "x_proj_out": None,  # dt_rank + 2 * d_state
@@ -40,44 +43,6 @@ RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "layers": None,  # the stacked-block axis of scanned params and cache entries
 }
-
-# Param logical axes by the last path components (before the stacked ``layers`` axis is added).
-_PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
-    ("embed_tokens", "embedding"): ("vocab", "embed"),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-    ("q_proj", "kernel"): ("embed", "heads"),
-    ("k_proj", "kernel"): ("embed", "kv_heads"),
-    ("v_proj", "kernel"): ("embed", "kv_heads"),
-    ("o_proj", "kernel"): ("heads", "embed"),
-    ("in_proj", "kernel"): ("embed", "xz", "d_inner"),
-    ("in_proj", "bias"): ("xz", "d_inner"),
-    ("conv_kernel",): ("d_conv", "d_inner"),
-    ("conv_bias",): ("d_inner",),
-    ("x_proj", "kernel"): ("d_inner", "x_proj_out"),
-    ("dt_proj", "kernel"): (None, "d_inner"),
-    ("dt_bias",): ("d_inner",),
-    ("A_log",): ("d_inner", "d_state"),
-    ("D",): ("d_inner",),
-    ("out_proj", "kernel"): ("d_inner", "embed"),
-    ("out_proj", "bias"): ("embed",),
-    ("router", "kernel"): ("embed", None),
-    ("experts", "gate_proj"): ("experts", "embed", "mlp"),
-    ("experts", "up_proj"): ("experts", "embed", "mlp"),
-    ("experts", "down_proj"): ("experts", "mlp", "embed"),
-    ("gate_proj", "kernel"): ("embed", "mlp"),
-    ("up_proj", "kernel"): ("embed", "mlp"),
-    ("down_proj", "kernel"): ("mlp", "embed"),
-}
-
-_CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "key": ("batch", "kv_heads", "seq", "head_dim"),
-    "value": ("batch", "kv_heads", "seq", "head_dim"),
-    "conv": ("batch", "d_conv", "d_inner"),
-    "ssm": ("batch", "d_inner", "d_state"),
-    "valid": ("batch", "seq"),
-    "pos": (),
-}
-
 
 def make_mesh(n_devices: int | None = None, *, tensor: int | None = None, expert: int | None = None,
               data: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -113,12 +78,16 @@ def _mesh_axis_size(mesh, axis: str | None) -> int:
 def spec_for(mesh, shape: Sequence[int], logical: Sequence[str | None]) -> PartitionSpec:
     """The ``PartitionSpec`` of an array of ``shape`` with these logical axes under ``RULES``: each
     dimension goes to its mesh axis when that axis exists, has size > 1, divides the dimension and is
-    not already used by an earlier dimension; otherwise it is replicated."""
+    not already used by an earlier dimension; otherwise it is replicated. A logical axis that ``RULES``
+    does not name is an error (None is an explicitly replicated axis)."""
     if len(shape) != len(logical):
         raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical)} differ in rank")
+    unknown = [name for name in logical if name is not None and name not in RULES]
+    if unknown:
+        raise ValueError(f"logical axis {unknown[0]!r} has no rule in sharding.RULES")
     used, out = set(), []
     for size, name in zip(shape, logical):
-        axis = RULES.get(name) if name is not None else None
+        axis = RULES[name] if name is not None else None
         n = _mesh_axis_size(mesh, axis)
         if n > 1 and axis not in used and size % n == 0:
             out.append(axis)
@@ -128,26 +97,10 @@ def spec_for(mesh, shape: Sequence[int], logical: Sequence[str | None]) -> Parti
     return PartitionSpec(*out)
 
 
-def param_logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the param at ``path`` (a tuple of keys) with ``ndim`` dimensions; a leading
-    stacked-block axis (params under ``blocks``) is ``"layers"``. Norm weights and anything else not in
-    the table are replicated."""
-    for n in (2, 1):
-        axes = _PARAM_AXES.get(tuple(path[-n:]))
-        if axes is not None:
-            break
-    else:
-        axes = (None,) * ndim  # norms
-    extra = ndim - len(axes)
-    if extra not in (0, 1):
-        raise ValueError(f"param {'/'.join(path)}: {ndim} dims, expected {len(axes)} (+1 stacked)")
-    return ("layers",) * extra + tuple(axes)
-
-
 def param_shardings(mesh: Mesh, params: Any) -> Any:
     """``NamedSharding`` per leaf of ``params`` (arrays or ``ShapeDtypeStruct``s; an int8
     ``QuantizedWeight``'s ``scale`` drops the contraction axis of its weight), same tree structure."""
-    from .quant import QuantizedWeight, quantized_sharding
+    from .quant import QuantizedWeight, quantized_sharding  # quant imports this module
 
     place = param_sharding_fn(mesh)
 
@@ -161,7 +114,8 @@ def param_shardings(mesh: Mesh, params: Any) -> Any:
 
 
 def param_sharding_fn(mesh: Mesh):
-    """``(path, ShapeDtypeStruct) -> NamedSharding``: the form ``jamba_jax.load(shardings=)`` takes."""
+    """``(path, ShapeDtypeStruct) -> NamedSharding`` by the param table's logical axes: the form
+    ``jamba_jax.load(shardings=)`` takes."""
     return lambda path, sds: NamedSharding(mesh, spec_for(mesh, sds.shape, param_logical_axes(path, len(sds.shape))))
 
 
@@ -169,10 +123,10 @@ def cache_shardings(mesh: Mesh, cache: Any) -> Any:
     """``NamedSharding`` per leaf of a decode cache (``jamba_jax.cache``): K/V by kv heads, the conv and
     ssm states by d_inner, rows by ``data``; stacked entries keep their leading block axis replicated."""
 
+    from .cache import cache_logical_axes
+
     def one(path, leaf):
-        axes = _CACHE_AXES[path[-1].key]
-        axes = ("layers",) * (len(leaf.shape) - len(axes)) + axes
-        return NamedSharding(mesh, spec_for(mesh, leaf.shape, axes))
+        return NamedSharding(mesh, spec_for(mesh, leaf.shape, cache_logical_axes(path, len(leaf.shape))))
 
     return jax.tree_util.tree_map_with_path(one, cache)
 
@@ -189,12 +143,6 @@ def constrain(x, *logical: str | None):
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, spec_for(mesh, x.shape, logical))
-
-
-def axis_size(name: str) -> int:
-    """Size of the mesh axis that logical axis ``name`` maps to under the active mesh (1 without one)."""
-    mesh = active_mesh()
-    return 1 if mesh is None else _mesh_axis_size(mesh, RULES.get(name))
 
 
 def per_shard(fn, in_logical, out_logical, *args):
@@ -219,5 +167,5 @@ def per_shard(fn, in_logical, out_logical, *args):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
-__all__ = ["per_shard", "MESH_AXES", "RULES", "make_mesh", "spec_for", "param_logical_axes", "param_shardings",
-           "param_sharding_fn", "cache_shardings", "active_mesh", "constrain", "axis_size"]
+__all__ = ["per_shard", "MESH_AXES", "RULES", "make_mesh", "spec_for", "param_shardings",
+           "param_sharding_fn", "cache_shardings", "active_mesh", "constrain"]

@@ -35,6 +35,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .config import JambaConfig
+from .kernels import Kernels
 from .model import JambaLM
 
 ACTIVATIONS = ("mamba_out", "ffn_out")  # what the activation loss covers by default
@@ -113,7 +114,8 @@ def sown(intermediates, name: str) -> list[jax.Array]:
 class TrainConfig:
     """Optimisation settings. ``aux_loss_coef`` None = the model config's ``router_aux_loss_coef``;
     ``alpha`` scales the activation loss over ``activations`` (0 disables it); ``remat`` recomputes each
-    block in the backward pass. The learning rate warms up linearly from 0 over ``warmup_steps``, then
+    block in the backward pass; ``kernels`` (``jamba_jax.Kernels``) picks the implementations the loss runs
+    (the Pallas kernels have no backward pass: on GPU, training takes the XLA ones). The learning rate warms up linearly from 0 over ``warmup_steps``, then
     follows a cosine down to ``learning_rate * min_lr_ratio`` at ``steps``."""
 
     steps: int = 1000
@@ -128,7 +130,15 @@ class TrainConfig:
     aux_loss_coef: float | None = None
     activations: tuple[str, ...] = ACTIVATIONS
     remat: bool = False
-    scan_impl: str = "xla"
+    kernels: Kernels = Kernels()
+
+    def __post_init__(self):
+        kernels = Kernels.named(self.kernels)
+        object.__setattr__(self, "kernels", kernels)
+        kernel = [f"{n}={v!r}" for n, v in dataclasses.asdict(kernels).items() if v.startswith("pallas")]
+        if kernel and (jax.default_backend() == "gpu" or any("interpret" in k for k in kernel)):
+            raise ValueError(f"TrainConfig: the Pallas kernels ({', '.join(kernel)}) have no backward pass; "
+                             "train with Kernels() (XLA)")
 
     def schedule(self) -> optax.Schedule:
         warmup = min(self.warmup_steps, max(self.steps - 1, 0))
@@ -154,7 +164,7 @@ def compute_loss(params, batch, *, config: JambaConfig, tc: TrainConfig, dtype=j
     ``activation_loss`` (both unscaled), ``max_activation`` (over ``tc.activations``)."""
     ids, valid = batch["input_ids"], batch.get("attention_mask")
     valid = None if valid is None else valid.astype(bool)
-    model = JambaLM(config, dtype, tc.scan_impl, remat=tc.remat)
+    model = JambaLM(config, dtype, tc.kernels, remat=tc.remat)
     logits, state = model.apply({"params": params}, ids, valid, mutable=["intermediates"])
     inter = state["intermediates"]
     lm = lm_loss(logits, ids, valid)
@@ -398,7 +408,7 @@ def train(config: JambaConfig, data: str | Path, out: str | Path, tc: TrainConfi
     from tokenizers import Tokenizer
     from tqdm.auto import tqdm
 
-    from .model import init_params
+    from .params import init_params
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

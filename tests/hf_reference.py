@@ -14,6 +14,20 @@ from transformers import JambaConfig as HFJambaConfig
 from transformers import JambaForCausalLM
 
 
+# Small configs of the released kinds of layer, for tests against HF: the released layer plan (one scanned
+# block of 8 and a one-layer tail, top-2 of 4 experts), and a short plan (attention 2/1, experts 2/0: two
+# blocks and a tail) with top-1 routing, 4-way GQA and tied embeddings.
+HF_CONFIGS = {
+    "released_plan": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=9,
+                          num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                          mamba_d_state=8, mamba_dt_rank=4),
+    "top1_gqa4_tied": dict(vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=5,
+                           num_attention_heads=4, num_key_value_heads=1, num_experts=3, num_experts_per_tok=1,
+                           attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                           expert_layer_offset=0, mamba_d_state=6, tie_word_embeddings=True),
+}
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -52,6 +66,21 @@ def make_checkpoint(directory: Path, *, seed: int = 0, torch_dtype=torch.float32
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return model
+
+
+def checkpoint_pair(directory: Path, name: str, *, seed: int, dtype: str = "float32"):
+    """``HF_CONFIGS[name]`` as a random HF checkpoint in ``directory``: (the torch model, the same checkpoint
+    loaded by jamba_jax in ``dtype``)."""
+    import jamba_jax
+
+    hf_model = make_checkpoint(directory, seed=seed, **HF_CONFIGS[name])
+    return hf_model, jamba_jax.load(directory, dtype=dtype)
+
+
+def random_prompts(vocab_size: int, lengths, seed: int) -> list[list[int]]:
+    """Prompts of the given lengths, ids past the special tokens 0-2."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
 
 
 def hf_logits(model: JambaForCausalLM, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:

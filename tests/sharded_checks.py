@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import jamba_jax  # noqa: E402
 from jamba_jax import JambaConfig  # noqa: E402
 from jamba_jax.sharding import param_shardings  # noqa: E402
-from random_weights import random_params  # noqa: E402
+from helpers import random_params, rel_err  # noqa: E402
 
 # Layer 0: Mamba + MoE (8 experts, top-2), layer 1: attention (8 heads, 4 kv heads) + dense MLP; one block.
 CONFIG = dataclasses.replace(
@@ -38,13 +38,6 @@ def inputs():
     mask = np.ones(ids.shape, bool)
     mask[0, :3] = False
     return ids, mask
-
-
-def rel_err(got, ref, mask=None):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if mask is not None:
-        got, ref = got[mask], ref[mask]
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 def sharded(model, mesh_name):

@@ -9,9 +9,9 @@ import pytest
 
 from jamba_jax import JambaConfig
 from jamba_jax.attention import blocked_attention, naive_attention, split_k_attention
-from jamba_jax.cache import init_cache
-from jamba_jax.generate import _prefill_chunk, _spec
-from random_weights import random_model
+from jamba_jax.cache import init_cache_arrays
+from jamba_jax.steps import ModelSpec, prefill_chunk
+from helpers import random_model
 
 
 def case(seed, batch, q_len, k_len, n_kv, group, hd=8, left_pad=(0,), q_start=None):
@@ -74,13 +74,13 @@ def test_prefill_chunk_memory_does_not_grow_with_context():
     config = dataclasses.replace(JambaConfig.named("jamba-tiny"), num_attention_heads=8, num_key_value_heads=2,
                                  num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1, num_experts=1)
     model = random_model(config)
-    spec = _spec(model, 0.0, None, None)
+    spec = ModelSpec.of(model)
 
     def temp_bytes(max_len):
-        cache = jax.eval_shape(lambda: init_cache(config, 1, max_len, jnp.float32))
+        cache = jax.eval_shape(lambda: init_cache_arrays(config, 1, max_len, jnp.float32))
         ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
         valid = jax.ShapeDtypeStruct((1, 256), bool)
-        compiled = _prefill_chunk.lower(model.params, cache, ids, valid, jax.random.key(0), spec=spec).compile()
+        compiled = prefill_chunk.lower(model.params, cache, ids, valid, spec=spec).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     small, large = temp_bytes(4096), temp_bytes(65536)

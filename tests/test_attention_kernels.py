@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 
 from jamba_jax.attention import attend, naive_attention
+from helpers import rel_err
 from pallas_kernels.flash_attention import decode_attention_pallas, flash_attention_pallas
 from test_attention import case, real_queries
 
 TOL = 1e-5
-
-
-def rel_err(got, ref, real):
-    got, ref = np.asarray(got, np.float64)[real], np.asarray(ref, np.float64)[real]
-    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 def with_reference(kernel):

@@ -1,6 +1,5 @@
 """`jamba convert`: HF safetensors <-> converted (Orbax) checkpoints, streaming, restore onto a mesh."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -223,11 +222,10 @@ def test_bad_shardings_are_rejected(converted):
 # ---- memory --------------------------------------------------------------------------------------
 
 def _benchmark_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_memory.py"
-    spec = importlib.util.spec_from_file_location("convert_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # it imports benchmarks/common.py
+    import convert_memory
+
+    return convert_memory
 
 
 @pytest.mark.slow  # ~20 s: writes and converts 250 MiB

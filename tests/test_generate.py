@@ -10,21 +10,17 @@ import pytest
 import torch
 
 import jamba_jax
-from hf_reference import make_checkpoint
+from hf_reference import HF_CONFIGS, checkpoint_pair, random_prompts
 from jamba_jax import JambaConfig, JambaLM
-from jamba_jax.cache import init_cache
+from jamba_jax.cache import init_cache_arrays
 from jamba_jax.generate import bucket_length, generate, prefill_layout
 from jamba_jax.sampling import filter_logits, sample
-from random_weights import random_model
+from helpers import random_model, rel_err
 
 # A short block (attention 2/1, experts 2/0) keeps compiles cheap: 2 scanned blocks + a 1-layer tail.
 TINY = dataclasses.replace(JambaConfig.named("jamba-tiny"), num_hidden_layers=5, attn_layer_period=2,
                            attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0)
 TAIL = dataclasses.replace(TINY, mamba_proj_bias=True)
-
-
-def rel(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
 @pytest.mark.parametrize("split", [(12,), (5, 6, 1), (1,) * 12])
@@ -35,14 +31,14 @@ def test_incremental_forward_equals_full(split):
     ids = np.random.default_rng(0).integers(1, TAIL.vocab_size, (2, sum(split)))
     full = jamba_jax.forward(model, ids)
     step = jax.jit(lambda params, ids, cache: lm.apply({"params": params}, ids, cache=cache))
-    cache = init_cache(TAIL, 2, 16, jnp.float32)
+    cache = init_cache_arrays(TAIL, 2, 16, jnp.float32)
     parts, start = [], 0
     for n in split:
         logits, cache = step(model.params, ids[:, start:start + n], cache)
         parts.append(logits)
         start += n
     assert int(cache["pos"]) == sum(split)
-    assert rel(np.concatenate(parts, axis=1), full) < 1e-5
+    assert rel_err(np.concatenate(parts, axis=1), full) < 1e-5
 
 
 def test_chunked_prefill_equals_one_shot():
@@ -70,24 +66,10 @@ def test_greedy_equals_step_by_step_argmax_of_full_forward():
         assert new == seq[len(prompt):]
 
 
-HF_CONFIGS = {
-    "released_plan": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=9,
-                          num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                          mamba_d_state=8, mamba_dt_rank=4),
-    "top1_gqa4_tied": dict(vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=5,
-                           num_attention_heads=4, num_key_value_heads=1, num_experts=3, num_experts_per_tok=1,
-                           attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                           expert_layer_offset=0, mamba_d_state=6, tie_word_embeddings=True),
-}
-
-
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_greedy_batch_equals_hf_generate(tmp_path, name):
-    config = HF_CONFIGS[name]
-    hf_model = make_checkpoint(tmp_path, seed=7, **config)
-    model = jamba_jax.load(tmp_path, dtype="float32")
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(3, config["vocab_size"], n).tolist() for n in (5, 12, 1)]
+    hf_model, model = checkpoint_pair(tmp_path, name, seed=7)
+    prompts = random_prompts(model.config.vocab_size, (5, 12, 1), seed=1)
     ours = generate(model, prompts, max_new_tokens=32)
     for prompt, new in zip(prompts, ours.tokens):
         with torch.no_grad():

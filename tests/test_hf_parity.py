@@ -6,6 +6,7 @@ import torch
 
 import jamba_jax
 from hf_reference import hf_logits, make_checkpoint
+from helpers import rel_err
 
 # Each config varies knobs of the layer plan and of the modules.
 CONFIGS = {
@@ -33,10 +34,6 @@ CONFIGS = {
 }
 
 
-def rel_err(ours, ref):
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def checkpoint(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
@@ -44,10 +41,10 @@ def checkpoint(request, tmp_path_factory):
     return directory, model
 
 
-@pytest.mark.parametrize("scan_impl", ["associative", "sequential"])
-def test_fp32_logits_match_hf(checkpoint, scan_impl):
+@pytest.mark.parametrize("scan", ["associative", "sequential"])
+def test_fp32_logits_match_hf(checkpoint, scan):
     directory, hf_model = checkpoint
-    ours = jamba_jax.load(directory, dtype="float32", scan_impl=scan_impl)
+    ours = jamba_jax.load(directory, dtype="float32", kernels=jamba_jax.Kernels(scan=scan))
     ids = np.random.default_rng(0).integers(0, ours.config.vocab_size, (2, 19))
     ref = hf_logits(hf_model, ids)
     got = np.asarray(jamba_jax.forward(ours, ids))

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import jamba_jax
-from jamba_jax import JambaConfig, JambaLM
+import jamba_jax.train
+from jamba_jax import JambaConfig, JambaLM, Kernels
 from jamba_jax import scan as scan_module
-from jamba_jax.cache import init_cache
+from jamba_jax.cache import init_cache_arrays
 from pallas_kernels import selective_scan as kernels
-from random_weights import random_params
+from helpers import random_params
 
 TOL = 1e-5
 # Layers mamba, attention, mamba (one scanned block); dense MLPs keep compile times short.
@@ -43,12 +44,12 @@ def assert_close(got, ref, valid=None):
     assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
 
 
-def decode(params, scan_impl, attn_impl="xla"):
+def decode(params, scan, attention="xla"):
     """Logits of the left-padded prompt through the cache, then of each decode step; the cache."""
     ids, valid = inputs()
-    model = JambaLM(CONFIG, jnp.float32, scan_impl, attn_impl=attn_impl)
+    model = JambaLM(CONFIG, jnp.float32, Kernels(scan=scan, attention=attention))
     step = jax.jit(lambda p, i, v, c: model.apply({"params": p}, i, v, cache=c))
-    cache = init_cache(CONFIG, BATCH, PROMPT + DECODE_STEPS, jnp.float32)
+    cache = init_cache_arrays(CONFIG, BATCH, PROMPT + DECODE_STEPS, jnp.float32)
     logits, cache = step(params, ids[:, :PROMPT], valid[:, :PROMPT], cache)
     outs = [logits]
     for t in range(PROMPT, PROMPT + DECODE_STEPS):
@@ -89,7 +90,7 @@ def test_all_kernels_forward_and_generate_match_xla():
     """``with_kernels`` reaches every layer: the padded forward without a cache, and greedy generation."""
     model = jamba_jax.Jamba(CONFIG, random_params(CONFIG))
     kernels_model = model.with_kernels(PALLAS)
-    assert (kernels_model.scan_impl, kernels_model.moe_impl, kernels_model.attn_impl) == (PALLAS,) * 3
+    assert kernels_model.kernels == Kernels(PALLAS, PALLAS, PALLAS)
     ids, valid = inputs()
     assert_close(jamba_jax.forward(kernels_model, ids, valid), jamba_jax.forward(model, ids, valid), valid)
     prompts = [[5, 9, 17, 3], [7, 8]]
@@ -97,24 +98,26 @@ def test_all_kernels_forward_and_generate_match_xla():
     assert got == jamba_jax.generate(model, prompts, max_new_tokens=3, stop_ids=[]).tokens
 
 
-def test_kernel_flags():
-    from jamba_jax.api import kernel_impls
-
-    assert kernel_impls("pallas", scan_impl="sequential") == {
-        "scan_impl": "sequential", "moe_impl": "pallas", "attn_impl": "pallas"}
-    assert kernel_impls() == {"scan_impl": "xla", "moe_impl": "xla", "attn_impl": "xla"}
-    with pytest.raises(ValueError, match="kernels"):
-        kernel_impls("cuda")
-    with pytest.raises(ValueError, match="attn_impl"):
-        jamba_jax.Jamba(CONFIG, {}, attn_impl="cudnn")
+def test_kernels_option():
+    assert Kernels.named("pallas").replace(scan="sequential") == Kernels("sequential", "pallas", "pallas")
+    assert Kernels.named("xla") == Kernels() == jamba_jax.Jamba(CONFIG, {}).kernels
+    assert jamba_jax.Jamba(CONFIG, {}, kernels="pallas").kernels == Kernels.named("pallas")
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
+        Kernels.named("cuda")
+    with pytest.raises(ValueError, match="Kernels.attention 'cudnn'"):
+        jamba_jax.Jamba(CONFIG, {}, kernels=Kernels(attention="cudnn"))
+    with pytest.raises(ValueError, match="Kernels.moe_int8"):
+        Kernels(moe_int8="cuda")
+    with pytest.raises(ValueError, match="no backward pass"):
+        jamba_jax.train.TrainConfig(kernels=Kernels(scan=PALLAS))
 
 
 def test_pallas_interpret_forward_matches_associative():
-    """``Jamba.scan_impl`` reaches the Mamba layers: the plain padded forward, without a cache."""
-    model = jamba_jax.Jamba(CONFIG, random_params(CONFIG), scan_impl=PALLAS)
+    """``Kernels.scan`` reaches the Mamba layers: the plain padded forward, without a cache."""
+    model = jamba_jax.Jamba(CONFIG, random_params(CONFIG), kernels=Kernels(scan=PALLAS))
     ids, valid = inputs()
     got = jamba_jax.forward(model, ids, valid)
-    ref = jamba_jax.forward(model.replace(scan_impl="associative"), ids, valid)
+    ref = jamba_jax.forward(model.with_kernels(Kernels(scan="associative")), ids, valid)
     assert_close(got, ref, valid)
 
 

@@ -9,13 +9,9 @@ import pytest
 
 from jamba_jax.moe import GROUPED_MATMULS, experts_ffn, grouped_matmul, row_tile
 from jamba_jax.quant import quantize
+from helpers import rel_err
 
 run = jax.jit(experts_ffn, static_argnames=("impl", "grouped"))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _inputs(expert_ids, num_experts, hidden, inter, dtype=jnp.float32, seed=0):

@@ -11,9 +11,11 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jamba_jax
-from jamba_jax import JambaConfig, JambaLM
+from jamba_jax import JambaConfig, JambaLM, Kernels
 from jamba_jax.moe import experts_ffn
-from jamba_jax.quant import (QuantizedWeight, is_quantized_path, pallas_config, quantize, quantize_params,
+from jamba_jax.params import is_quantized
+from helpers import rel_err, scaled_params
+from jamba_jax.quant import (QuantizedWeight, pallas_config, quantize, quantize_params,
                              quantized_sharding)
 
 TINY = JambaConfig.named("jamba-tiny")
@@ -22,37 +24,6 @@ SMALL = dataclasses.replace(TINY, hidden_size=32, intermediate_size=64, vocab_si
                             attn_layer_period=2, attn_layer_offset=1, expert_layer_offset=0)
 # The released layer plan on 10 layers: stacked and tail copies of both the dense MLP and the MoE.
 PLAN = dataclasses.replace(TINY, num_hidden_layers=10)
-
-
-def scaled_params(config, seed, dtype=np.float32):
-    """Random params at the scales of tests/hf_reference.py (linear weights ~ 1/sqrt(fan_in), unit
-    embeddings and router), so activations stay O(1) through the layers."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, sds in traverse_util.flatten_dict(jamba_jax.abstract_params(config)).items():
-        n = rng.standard_normal(sds.shape).astype(np.float32)
-        name = path[-1]
-        if name == "weight":  # norms
-            v = 1.0 + 0.2 * n
-        elif name == "A_log":
-            v = np.log(np.arange(1, sds.shape[-1] + 1, dtype=np.float32)) + 0.3 * n
-        elif name in ("D", "embedding") or path[-2] == "router":
-            v = n
-        elif name == "dt_bias":
-            v = 0.5 * n - 1.0
-        elif name == "conv_kernel":
-            v = 0.5 * n
-        elif name.endswith("bias"):
-            v = 0.1 * n
-        else:  # kernels [..., in, out] and expert weights [..., experts, in, out]
-            v = n / np.sqrt(sds.shape[-2])
-        flat[path] = jnp.asarray(v, dtype)
-    return traverse_util.unflatten_dict(flat)
-
-
-def rel_err(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 def rms_err(got, ref):
@@ -68,7 +39,7 @@ def test_quantize_params_layout_round_trip_and_bytes():
     kinds = set()
     for path, w in flat.items():
         qw = qflat[path]
-        if not is_quantized_path(path):
+        if not is_quantized(path):
             assert qw is w, path  # everything else untouched
             continue
         kinds.add((path[0], path[-2]))
@@ -140,7 +111,7 @@ def test_int8_kernel_matches_xla_inside_the_moe(routing):
     # the int8 path computes the float MoE of the dequantized weights
     dequantized = [p.dequantize() for p in projs]
     assert rel_err(xla, run(x, expert_ids, weights, *dequantized)) < 1e-5
-    with pytest.raises(ValueError, match="moe_impl"):
+    with pytest.raises(ValueError, match="Kernels.moe_int8 'triton'"):
         experts_ffn(x, expert_ids, weights, *projs, impl="triton")
 
 
@@ -152,7 +123,7 @@ def test_model_int8_kernel_matches_xla():
     ids = np.random.default_rng(1).integers(1, config.vocab_size, (1, 3))
 
     def logits(impl):
-        return np.asarray(jax.jit(lambda p, i: JambaLM(config, moe_impl=impl).apply({"params": p}, i))(params, ids))
+        return np.asarray(jax.jit(lambda p, i: JambaLM(config, kernels=Kernels(moe_int8=impl)).apply({"params": p}, i))(params, ids))
 
     assert rel_err(logits("pallas-interpret"), logits("xla")) < 1e-5
 
@@ -197,18 +168,18 @@ def test_load_and_convert_quantize(tmp_path):
                     attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
                     mamba_d_state=4, mamba_d_conv=4, mamba_expand=2)
     plain = jamba_jax.load(hf, dtype="bfloat16")
-    model = jamba_jax.load(hf, dtype="bfloat16", quantize="experts-int8", moe_impl="pallas")
-    assert model.quantize == "experts-int8" and model.moe_impl == "pallas" and plain.quantize is None
+    model = jamba_jax.load(hf, dtype="bfloat16", quantize="experts-int8", kernels=Kernels(moe_int8="pallas"))
+    assert model.quantize == "experts-int8" and model.kernels.moe_int8 == "pallas" and plain.quantize is None
     assert model.dtype == jnp.bfloat16
     assert_same_params(model.params, quantize_params(plain.params, plain.config))
     quantized = sum(isinstance(leaf, QuantizedWeight) for leaf in traverse_util.flatten_dict(model.params).values())
     assert quantized == 9  # two MoE layers (one stacked, one tail) and a dense MLP, 3 projections each
     with pytest.raises(ValueError, match="unknown quantize='int4'.*experts-int8"):
         jamba_jax.load(hf, quantize="int4")
-    with pytest.raises(ValueError, match="moe_impl"):
-        jamba_jax.load(hf, moe_impl="cuda")
-    with pytest.raises(ValueError, match="moe_impl"):
-        model.replace(moe_impl="cuda")
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
+        jamba_jax.load(hf, kernels="cuda")
+    with pytest.raises(ValueError, match="Kernels.moe_int8 'cuda'"):
+        model.with_kernels(Kernels(moe_int8="cuda"))
 
     # `jamba convert --quantize experts-int8`: int8 + scales in the Orbax checkpoint, restored as they are.
     from jamba_jax.cli import main

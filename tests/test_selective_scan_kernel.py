@@ -9,6 +9,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from helpers import rel_err
 from jamba_jax.scan import selective_scan_sequential
 from pallas_kernels.selective_scan import (
     VARIANTS,
@@ -19,11 +20,6 @@ from pallas_kernels.selective_scan import (
 )
 
 TOL = 1e-5
-
-
-def rel_err(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 def make_inputs(seed, batch, seq, d_inner, d_state, *, state=False, mask=None, dtype=np.float32):

@@ -14,7 +14,8 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 import jamba_jax
 from jamba_jax import JambaConfig, abstract_params
-from jamba_jax.sharding import MESH_AXES, cache_shardings, param_logical_axes, spec_for
+from jamba_jax.params import param_logical_axes
+from jamba_jax.sharding import MESH_AXES, cache_shardings, spec_for
 
 TOL = 1e-5
 CHECKS = Path(__file__).with_name("sharded_checks.py")

@@ -12,10 +12,11 @@ import torch
 from flax import traverse_util
 
 import jamba_jax
+from jamba_jax import Kernels
 from hf_reference import make_checkpoint
 from jamba_jax.convert.hf_keys import checkpoint_entries
-from jamba_jax.model import abstract_params
 from jamba_jax.train import TrainCheckpoints, TrainConfig, Trainer, compute_loss, data_mesh, sample_batch
+from helpers import random_params, rel_err
 
 # Two MoE configs: a 1-block + tail plan with top-2 and GQA; top-1 with biases and tied embeddings.
 # One runs the associative scan, the other the sequential one.
@@ -30,12 +31,8 @@ CONFIGS = {
                            mamba_d_state=4, mamba_d_conv=3, mamba_expand=1, mamba_dt_rank=3, mamba_proj_bias=True,
                            tie_word_embeddings=True, router_aux_loss_coef=0.05),
 }
-SCAN_IMPL = {"top2_tail": "associative", "top1_bias_tied": "sequential"}
+SCAN = {"top2_tail": "associative", "top1_bias_tied": "sequential"}
 LENGTHS = (11, 7, 11)  # right-padded rows (HF's labels -100 on padding)
-
-
-def rel_err(ours, ref):
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -66,7 +63,7 @@ def case(request, tmp_path_factory):
            "grads": {name: p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}}
 
     batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask, bool)}
-    tc = TrainConfig(scan_impl=SCAN_IMPL[request.param])
+    tc = TrainConfig(kernels=Kernels(scan=SCAN[request.param]))
     value_and_grad = jax.value_and_grad(lambda p: compute_loss(p, batch, config=ours.config, tc=tc), has_aux=True)
     (loss, metrics), grads = jax.jit(value_and_grad)(ours.params)
     return ours, batch, tc, ref, (loss, metrics, grads)
@@ -119,7 +116,7 @@ def test_gradients_match_torch_autograd(case):
 def test_activation_loss_adds_alpha_mean_square(case):
     ours, batch, tc, ref, (base, m, _) = case
     assert abs(float(m["activation_loss"]) - ref["act_sq"]) < 1e-5 * ref["act_sq"]
-    if tc.scan_impl != "sequential":
+    if tc.kernels.scan != "sequential":
         return  # one config compiles the alpha > 0 loss: the term does not depend on the scan
     alpha = 0.01
     loss, m = jax.jit(lambda p: compute_loss(p, batch, config=ours.config,
@@ -131,12 +128,6 @@ def test_activation_loss_adds_alpha_mean_square(case):
     assert abs(added - alpha * ref["act_sq"]) < 4 * 2.0**-23 * float(loss) + 1e-5 * alpha * ref["act_sq"]
 
 
-def random_params(config, seed):
-    """Random params without compiling the model's init."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), abstract_params(config))
-
-
 def test_resume_is_bit_exact(tmp_path):
     """N steps straight equal N/2 steps, save, restore into a fresh state, N/2 steps: bitwise. Runs the
     data-parallel path (a one-device mesh), gradient checkpointing and the activation loss."""
@@ -144,7 +135,8 @@ def test_resume_is_bit_exact(tmp_path):
                                    num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
                                    attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                    expert_layer_offset=1, mamba_d_state=4, dtype="float32")
-    tc = TrainConfig(steps=4, warmup_steps=2, learning_rate=1e-2, alpha=1e-3, remat=True, scan_impl="sequential")
+    tc = TrainConfig(steps=4, warmup_steps=2, learning_rate=1e-2, alpha=1e-3, remat=True,
+                     kernels=Kernels(scan="sequential"))
     trainer = Trainer(config, tc, mesh=data_mesh(jax.devices()[:1]))
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, 500).astype(np.int32)
     params = random_params(config, 0)
@@ -187,14 +179,15 @@ def test_bundled_demo_generates_readable_text():
 DATA_PARALLEL_SCRIPT = """
 import jax, numpy as np
 import jamba_jax
-from test_train import random_params
+from helpers import random_params
+from jamba_jax import Kernels
 from jamba_jax.train import Trainer, TrainConfig, data_mesh, sample_batch
 assert jax.device_count() == 2
 config = jamba_jax.JambaConfig(vocab_size=40, hidden_size=16, intermediate_size=16, num_hidden_layers=4,
                                num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
                                attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                expert_layer_offset=1, mamba_d_state=4, dtype="float32")
-tc = TrainConfig(steps=4, warmup_steps=1, learning_rate=1e-2, alpha=1e-3, scan_impl="sequential")
+tc = TrainConfig(steps=4, warmup_steps=1, learning_rate=1e-2, alpha=1e-3, kernels=Kernels(scan="sequential"))
 tokens = np.random.default_rng(0).integers(0, 40, 500).astype(np.int32)
 params = random_params(config, 0)
 states = []
