@@ -99,7 +99,7 @@ def draw(out: Path) -> None:
     ax2.set_yscale("log")
     ax2.set_xlabel("context (tokens), batch 1")
     ax2.set_ylabel("GiB")
-    ax2.set_title("Decode cache per sequence (cache.init_cache)", fontsize=10)
+    ax2.set_title("Decode cache per sequence (cache.CACHE_TABLE)", fontsize=10)
     ax2.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=7)
 
