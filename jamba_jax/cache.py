@@ -18,10 +18,12 @@ works from a config.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from .config import ATTENTION, MAMBA, JambaConfig
 
@@ -69,28 +71,31 @@ def cache_entry(path) -> CacheEntry:
         raise ValueError(f"cache leaf {name!r} has no row in cache.CACHE_TABLE") from None
 
 
-def _layer_cache(config: JambaConfig, mixer: str, lead: tuple[int, ...], batch: int, max_len: int, dtype):
-    # One buffer per entry (never shared): every one is donated.
-    return {e.name: jnp.zeros((*lead, *e.shape(config, batch, max_len)), e.dtype or dtype)
-            for e in CACHE_TABLE if e.mixer == mixer}
+def cache_leaves(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict[tuple, tuple]:
+    """``{path: (row, shape, dtype)}`` of every cache leaf, from the table (nothing traced or allocated):
+    the two top-level arrays, then each layer position of the scanned blocks (stacked), then the tail."""
+    leaves = {(e.name,): (e, e.shape(config, batch, max_len), e.dtype) for e in CACHE_TABLE if e.mixer is None}
+    layers = [(("blocks", f"layer_{j}"), (config.num_blocks,)) for j in range(config.block_size) if config.num_blocks]
+    layers += [(("tail", f"layer_{j}"), ()) for j in range(config.num_tail_layers)]
+    for prefix, lead in layers:
+        mixer = config.mixer_type(int(prefix[1].removeprefix("layer_")))
+        for e in CACHE_TABLE:
+            if e.mixer == mixer:
+                leaves[prefix + (e.name,)] = (e, lead + e.shape(config, batch, max_len), e.dtype or dtype)
+    return leaves
 
 
 def init_cache_arrays(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (on the default device)."""
-    cache = {e.name: jnp.zeros(e.shape(config, batch, max_len), e.dtype) for e in CACHE_TABLE if e.mixer is None}
-    if config.num_blocks:
-        cache["blocks"] = {f"layer_{j}": _layer_cache(config, config.mixer_type(j), (config.num_blocks,),
-                                                      batch, max_len, dtype)
-                           for j in range(config.block_size)}
-    if config.num_tail_layers:
-        cache["tail"] = {f"layer_{j}": _layer_cache(config, config.mixer_type(j), (), batch, max_len, dtype)
-                         for j in range(config.num_tail_layers)}
-    return cache
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (on the default device). One
+    buffer per entry, never shared: every one is donated."""
+    return traverse_util.unflatten_dict({path: jnp.zeros(shape, kind) for path, (_, shape, kind)
+                                         in cache_leaves(config, batch, max_len, dtype).items()})
 
 
 def cache_shapes(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
     """``init_cache_arrays``'s pytree as ``jax.ShapeDtypeStruct`` leaves, allocating nothing."""
-    return jax.eval_shape(lambda: init_cache_arrays(config, batch, max_len, dtype))
+    return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, kind) for path, (_, shape, kind)
+                                         in cache_leaves(config, batch, max_len, dtype).items()})
 
 
 def cache_logical_axes(path, ndim: int) -> tuple[str | None, ...]:
@@ -112,8 +117,7 @@ def split_by_mixer(config: JambaConfig, entries: dict | None):
 def cache_bytes(config: JambaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict[str, int]:
     """Bytes of the K/V buffers (``kv_cache_bytes``) and of the Mamba state (``mamba_state_bytes``)."""
     totals = {f"{KV_CACHE}_bytes": 0, f"{MAMBA_STATE}_bytes": 0}
-    for path, a in jax.tree_util.tree_flatten_with_path(cache_shapes(config, batch, max_len, dtype))[0]:
-        kind = cache_entry(path).kind
-        if kind != BOOKKEEPING:
-            totals[f"{kind}_bytes"] += a.size * a.dtype.itemsize
+    for entry, shape, kind in cache_leaves(config, batch, max_len, dtype).values():
+        if entry.kind != BOOKKEEPING:
+            totals[f"{entry.kind}_bytes"] += math.prod(shape) * jnp.dtype(kind).itemsize
     return totals

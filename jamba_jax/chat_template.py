@@ -51,16 +51,30 @@ def load_chat_template(checkpoint_dir: str | Path | None) -> tuple[str, dict[str
     return template, tokens
 
 
+MAX_RENDERED_CHARS = 1 << 24  # a rendered prompt longer than this is refused (a template can loop)
+
+
 def render_chat(messages: Sequence[dict], template: str = JAMBA_15_TEMPLATE,
-                special_tokens: dict[str, str] | None = None, add_generation_prompt: bool = True) -> str:
-    """The prompt text for ``messages`` (``[{"role": ..., "content": ...}, ...]``)."""
+                special_tokens: dict[str, str] | None = None, add_generation_prompt: bool = True,
+                max_chars: int = MAX_RENDERED_CHARS) -> str:
+    """The prompt text for ``messages`` (``[{"role": ..., "content": ...}, ...]``); rendering stops with a
+    ``ValueError`` once the text passes ``max_chars`` characters."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     try:
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                **(special_tokens or DEFAULT_SPECIAL_TOKENS))
-    except TemplateError as e:
+        pieces = env.from_string(template).generate(messages=list(messages),
+                                                    add_generation_prompt=add_generation_prompt,
+                                                    **(special_tokens or DEFAULT_SPECIAL_TOKENS))
+        text, size = [], 0
+        for piece in pieces:  # streamed, so an unbounded template is stopped, not rendered whole
+            text.append(piece)
+            size += len(piece)
+            if size > max_chars:
+                raise ValueError(f"the chat template rendered more than {max_chars:,} characters; "
+                                 "check the template and the messages")
+        return "".join(text)
+    except (TemplateError, OverflowError, RecursionError) as e:  # the sandbox's limits raise the last two
         raise ValueError(f"chat template error: {e}") from None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .config import ConfigError, JambaConfig, config_names
+from .config import FLOAT_DTYPES, ConfigError, JambaConfig, config_names
 from .convert.cli import add_convert_parser
 from .convert.hf_checkpoint import CheckpointError
 
@@ -159,6 +160,10 @@ def cmd_generate(args) -> int:
     from .api import load
     from .generate import generate
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise ValueError(f"--prompt is not valid UTF-8 (at character {e.start}); pass UTF-8 text") from None
     if args.checkpoint is None:
         from .demo import DEMO_DIR
 
@@ -255,9 +260,16 @@ def add_train_parser(sub) -> None:
     train.set_defaults(run=run)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error reported in one line (and exit 2) instead of the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jamba", description="Jamba-1.5 models in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jamba", description="Jamba-1.5 models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     info = sub.add_parser("info", help="parameter counts and memory sizes of a config (allocates nothing)")
     info.add_argument("--config", default=None,
@@ -290,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--dtype", default=None, help="compute/param dtype (default: the checkpoint's)")
+    gen.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
+                     help="compute/param dtype (default: the checkpoint's)")
     gen.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
                      help="pallas: the Pallas scan, attention and int8 MoE kernels on GPU (XLA elsewhere)")
     gen.add_argument("--mesh", type=int, default=None,
@@ -304,16 +317,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_VARIABLE = "JAMBA_TRACEBACK"  # set to 1 to see the traceback of an internal error
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except USER_ERRORS as e:
-        print(f"jamba {args.command}: error: {e}", file=sys.stderr)
+        print(f"jamba {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jamba {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- an internal error: one line, the traceback on request
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(f"jamba {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              f"(set {TRACEBACK_VARIABLE}=1 to see the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

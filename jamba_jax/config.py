@@ -16,6 +16,22 @@ class ConfigError(ValueError):
     """A config that cannot describe a Jamba model."""
 
 
+# Upper bounds on the sizes a config may ask for: far above the released models (Jamba-1.5-Large: hidden
+# 8192, intermediate 24576, 72 layers, 64 heads, vocab 65536), low enough that nothing sized from a config
+# (the param table, the checkpoint's key list, a cache) can grow without bound before the checkpoint's
+# tensors are checked against it.
+_SIZE_LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "num_experts": 256, "num_experts_per_tok": 256,
+    "expert_layer_period": 1024, "attn_layer_period": 1024, "mamba_d_state": 1024, "mamba_d_conv": 64,
+    "mamba_expand": 16, "mamba_dt_rank": 1 << 16, "max_position_embeddings": 1 << 24,
+}
+_OFFSET_FIELDS = ("expert_layer_offset", "attn_layer_offset")
+_BOOL_FIELDS = ("tie_word_embeddings", "mamba_conv_bias", "mamba_proj_bias")
+_FLOAT_RANGES = {"rms_norm_eps": (1e-12, 1.0), "router_aux_loss_coef": (0.0, 1e3), "initializer_range": (0.0, 1e3)}
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a checkpoint's params may be stored in
+
+
 @dataclasses.dataclass(frozen=True)
 class JambaConfig:
     """Every field of HF's ``JambaConfig`` that changes the network, with HF's defaults
@@ -51,11 +67,48 @@ class JambaConfig:
     dtype: str = "bfloat16"  # the checkpoint's dtype (HF "torch_dtype" / "dtype")
 
     def __post_init__(self):
+        self._check_types()  # before anything is derived or sized from the fields
         if self.mamba_dt_rank == "auto":
             object.__setattr__(self, "mamba_dt_rank", math.ceil(self.hidden_size / 16))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self._validate()
+
+    def _check_types(self):
+        def fail(name, value, what):
+            raise ConfigError(f"invalid Jamba config: {name} is {value!r}; expected {what}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name, top in _SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if name == "mamba_dt_rank" and value == "auto":
+                continue
+            if not is_int(value) or not 1 <= value <= top:
+                fail(name, value, f"an integer in [1, {top:,}]")
+        for name in _OFFSET_FIELDS:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, getattr(self, name), "an integer >= 0")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "true or false")
+        for name, (low, high) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+                fail(name, value, f"a number in [{low:g}, {high:g}]")
+        if not isinstance(self.hidden_act, str):
+            fail("hidden_act", self.hidden_act, "a string")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value < self.vocab_size):
+                fail(name, value, f"null or a token id in [0, {self.vocab_size})")
+        eos = self.eos_token_id
+        ids = eos if isinstance(eos, (list, tuple)) else () if eos is None else (eos,)
+        if not all(is_int(t) and 0 <= t < self.vocab_size for t in ids):
+            fail("eos_token_id", eos, f"null, a token id or a list of token ids in [0, {self.vocab_size})")
+        if self.dtype not in FLOAT_DTYPES:
+            fail("dtype", self.dtype, "one of " + ", ".join(FLOAT_DTYPES))
 
     def _validate(self):
         def need(ok, what):
@@ -144,8 +197,8 @@ class JambaConfig:
         if "num_local_experts" in d and "num_experts" not in d:
             kwargs["num_experts"] = d["num_local_experts"]
         dtype = d.get("dtype") or d.get("torch_dtype")
-        if dtype is not None:
-            kwargs["dtype"] = str(dtype).removeprefix("torch.")
+        # No dtype recorded: HF then loads float32.
+        kwargs["dtype"] = "float32" if dtype is None else str(dtype).removeprefix("torch.")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

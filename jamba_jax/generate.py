@@ -21,7 +21,8 @@ import numpy as np
 from .api import Jamba, mesh_context
 from .attention import KEY_BLOCK
 from .sampling import sample
-from .steps import DEFAULT_CHUNK, ModelSpec, apply_step, decode_step, init_cache, prefill, prefill_pieces
+from .steps import (DEFAULT_CHUNK, ModelSpec, apply_step, available_bytes, cache_device_bytes, decode_step,
+                    init_cache, prefill, prefill_pieces)
 
 MIN_BUCKET = 16
 
@@ -165,6 +166,9 @@ def encode_prompts(model: Jamba, prompts) -> list[list[int]]:
                 raise ValueError("prompts are text but the model has no tokenizer (tokenizer.json); "
                                  "pass token ids instead")
             p = model.tokenizer.encode(p).ids
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p):
+            bad = next(t for t in p if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+            raise ValueError(f"prompt {i} has token id {bad!r}, not an integer")
         p = [int(t) for t in p]
         if not p:
             raise ValueError(f"prompt {i} is empty")
@@ -195,6 +199,24 @@ def _left_pad(prompts: list[list[int]], length: int, pad_id: int):
         ids[row, length - len(p):] = p
         valid[row, length - len(p):] = True
     return ids, valid
+
+
+def _check_fits(model: Jamba, batch: int, prompt_len: int, max_new_tokens: int, chunk: int) -> None:
+    """Refuses, before anything is allocated, a generation whose cache (and token buffer) would not fit the
+    devices' free memory, naming the largest ``max_new_tokens`` that would."""
+    def need(new: int) -> int:
+        return cache_device_bytes(model, batch, prefill_layout(prompt_len, new, chunk)[1]) + 4 * batch * new
+
+    free = available_bytes(model)
+    if free is None or need(max_new_tokens) <= free:
+        return
+    low, high = 0, max_new_tokens  # need() grows with new: the largest that fits, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if need(mid) <= free else (low, mid - 1)
+    hint = f"the largest max_new_tokens whose cache fits is {low:,}" if low else "not even one new token fits"
+    raise ValueError(f"max_new_tokens={max_new_tokens:,} for {batch} prompt(s) of up to {prompt_len:,} tokens needs "
+                     f"{need(max_new_tokens) / 2**30:,.2f} GiB a device, {free / 2**30:,.2f} GiB free; {hint}")
 
 
 def _prefill(model: Jamba, sampling: Sampling, prompts, max_new_tokens: int, chunk: int, key):
@@ -257,12 +279,15 @@ def generate(model: Jamba, prompts, *, max_new_tokens: int = 64, temperature: fl
     Returns a ``GenerationResult``; with ``stream=True``, an iterator of ``[batch]`` lists of new token
     ids (``None`` for rows that have stopped), one per step, whose ``StopIteration`` value is the result.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     if stop and model.tokenizer is None:
         raise ValueError("stop strings need the model's tokenizer; use stop_ids")
     encoded = encode_prompts(model, prompts)
     sampling = Sampling(float(temperature), top_k, top_p)
+    _check_fits(model, len(encoded), max(map(len, encoded)), max_new_tokens, chunk_size)
     eos = tuple(stop_ids) if stop_ids is not None else stop_token_ids(model)
     runner = _stream(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_size)
     if stream:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .api import Jamba, mesh_context
-from .cache import init_cache_arrays
+from .cache import cache_shapes, init_cache_arrays
 from .config import JambaConfig
 from .kernels import Kernels
 from .model import JambaLM
@@ -96,12 +97,48 @@ def decode_logits(params, cache, ids, *, spec: ModelSpec):
     return apply_step(params, cache, ids[:, None], None, spec=spec)
 
 
+def available_bytes(model: Jamba) -> int | None:
+    """Free memory on each device the model runs on (the least of them; None where the backend does not
+    say): an accelerator's ``bytes_limit - bytes_in_use``; for CPU devices the host's available memory,
+    shared between them."""
+    devices = list(model.mesh.devices.flat) if model.mesh is not None else jax.devices()[:1]
+    free = []
+    for device in devices:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+        elif device.platform == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+            free.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // len(devices))
+    return min(free) if free else None
+
+
+def cache_device_bytes(model: Jamba, batch_size: int, max_length: int) -> int:
+    """Bytes of the cache ``init_cache`` makes, on the device holding the most of it."""
+    shapes = cache_shapes(model.config, batch_size, max_length, model.dtype)
+    if model.mesh is None:
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+    shardings = cache_shardings(model.mesh, shapes)
+    return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+               for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+
+def check_cache_fits(model: Jamba, batch_size: int, max_length: int, *, extra_bytes: int = 0) -> None:
+    """A ``ValueError`` naming the sizes when the cache (plus ``extra_bytes``) would not fit the memory the
+    devices have free; nothing is allocated to find out."""
+    free = available_bytes(model)
+    need = cache_device_bytes(model, batch_size, max_length) + extra_bytes
+    if free is not None and need > free:
+        raise ValueError(f"a cache of {batch_size} x {max_length:,} tokens needs {need / 2**30:,.2f} GiB a device, "
+                         f"{free / 2**30:,.2f} GiB free; use fewer rows or tokens")
+
+
 def init_cache(model: Jamba, batch_size: int, max_length: int) -> dict:
     """An empty cache (``jamba_jax.cache``) for ``batch_size`` sequences of up to ``max_length`` tokens in
     the model's dtype (the ssm state in float32), sharded over the model's mesh when it has one. A
     ``max_length`` that is a multiple of ``attention.KEY_BLOCK`` spares the attention a padded copy of K/V."""
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"init_cache: batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+    check_cache_fits(model, batch_size, max_length)
     if model.mesh is None:
         return init_cache_arrays(model.config, batch_size, max_length, model.dtype)
     shapes = jax.eval_shape(lambda: init_cache_arrays(model.config, batch_size, max_length, model.dtype))

@@ -179,7 +179,7 @@ def test_compile_time_is_reported_apart(stream):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(top_p=1.5), "top_p must be in"),
     (dict(stop=["x"]), "stop strings need the model's tokenizer"),

@@ -1,0 +1,112 @@
+"""Bad input is refused before anything is sized or allocated from it, in one line: configs (randomized
+mutations of every field), generation bounds, sampling values and token ids, chat-template output, and the
+CLI's own errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jamba_jax
+from helpers import random_model
+from jamba_jax import ConfigError, JambaConfig
+from jamba_jax.chat_template import render_chat
+from jamba_jax.cli import main
+
+TINY = JambaConfig.named("jamba-tiny")
+BAD_VALUES = [-1, 0, 2**40, 1.5, float("nan"), "abc", "", None, True, [], {}, [3, "x"]]
+
+
+def run_cli(capsys, *argv):
+    """``jamba ARGV`` in this process: (exit code, stderr lines)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_randomized_config_mutations_end_in_one_line(tmp_path, capsys):
+    """Seeded mutations of config.json (a field replaced by a value of a wrong type, sign or magnitude, or
+    removed): `jamba info` either accepts the result (still a valid config) or exits 2 with one line."""
+    base = TINY.to_dict()
+    rng = np.random.default_rng(0)
+    refused = 0
+    for case in range(300):
+        d = dict(base)
+        field = sorted(d)[rng.integers(len(d))]
+        if rng.random() < 0.15:
+            del d[field]
+        else:
+            d[field] = BAD_VALUES[rng.integers(len(BAD_VALUES))]
+        file = tmp_path / f"config_{case}.json"
+        file.write_text(json.dumps(d))
+        code, err = run_cli(capsys, "info", "--config", str(file))
+        assert code in (0, 2), (field, d.get(field), err)
+        if code == 2:
+            refused += 1
+            assert len(err) == 1 and err[0].startswith("jamba info: error: "), (field, d.get(field), err)
+    assert refused > 150  # most mutations make a config that cannot describe a model
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"config_{i}.json" for i in range(300))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_size": 10**9}, "hidden_size is 1000000000; expected an integer in \\[1, 65,536\\]"),
+    ({"num_hidden_layers": -3}, "num_hidden_layers is -3"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+    ({"vocab_size": 1e6}, "vocab_size is 1000000.0"),
+    ({"mamba_conv_bias": "yes"}, "mamba_conv_bias is 'yes'; expected true or false"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps is -1e-06"),
+    ({"dtype": "int8"}, "dtype is 'int8'; expected one of float32, bfloat16, float16"),
+    ({"eos_token_id": [2, 10**9]}, "eos_token_id is"),
+    ({"attn_layer_offset": 1.0}, "attn_layer_offset is 1.0; expected an integer >= 0"),
+])
+def test_config_values_are_checked_before_use(change, message):
+    with pytest.raises(ConfigError, match=message):
+        JambaConfig.from_dict(TINY.to_dict() | change)
+
+
+def test_generation_is_bounded_before_allocating():
+    model = random_model(TINY)
+    with pytest.raises(ValueError, match="the largest max_new_tokens whose cache fits is [0-9,]+$"):
+        jamba_jax.generate(model, [[1, 2, 3]], max_new_tokens=10**12)
+    with pytest.raises(ValueError, match="a cache of 1 x 100,000,000,000 tokens needs .* GiB free"):
+        jamba_jax.init_cache(model, 1, 10**11)
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            jamba_jax.generate(model, [[1, 2, 3]], max_new_tokens=bad)
+    with pytest.raises(ValueError, match="token id 2.7, not an integer"):
+        jamba_jax.generate(model, [[1, 2.7, 3]])
+    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
+        jamba_jax.generate(model, [[1, 2, 3]], temperature=float("nan"))
+
+
+def test_chat_template_output_is_bounded():
+    looping = "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].content }}{% endfor %}{% endfor %}"
+    with pytest.raises(ValueError, match="rendered more than 1,000 characters"):
+        render_chat([{"role": "user", "content": "abcdefgh"}], looping, max_chars=1000)
+    with pytest.raises(ValueError, match="chat template error: Range too big"):  # the sandbox's own limit
+        render_chat([{"role": "user", "content": "a"}], "{% for i in range(10**9) %}{% endfor %}")
+    assert render_chat([{"role": "user", "content": "hi"}]).endswith("<|assistant|>")
+
+
+def test_cli_errors_are_one_line(capsys, monkeypatch):
+    code, err = run_cli(capsys, "generate", "--prompt", "x", "--dtype", "foo")
+    assert code == 2 and len(err) == 1 and "invalid choice: 'foo'" in err[0]
+    code, err = run_cli(capsys, "generate", "--prompt", "ab\udcff")  # bytes that are not UTF-8
+    assert code == 2 and err == ["jamba generate: error: --prompt is not valid UTF-8 (at character 2); "
+                                 "pass UTF-8 text"]
+    code, err = run_cli(capsys, "generate", "--prompt", "x", "--max-new-tokens", str(10**12))
+    assert code == 2 and len(err) == 1 and "whose cache fits" in err[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nunexpected")
+
+    monkeypatch.setattr(jamba_jax.config.JambaConfig, "named", broken)
+    monkeypatch.delenv("JAMBA_TRACEBACK", raising=False)
+    code, err = run_cli(capsys, "info", "--config", "jamba-tiny")
+    assert code == 1 and err == ["jamba info: internal error: RuntimeError: something unexpected "
+                                 "(set JAMBA_TRACEBACK=1 to see the traceback)"]
+    monkeypatch.setenv("JAMBA_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="something"):
+        main(["info", "--config", "jamba-tiny"])
