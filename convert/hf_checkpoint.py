@@ -42,9 +42,12 @@ def tensor_files(directory: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        files = {key: directory / name for key, name in weight_map.items()}
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names (strings)")
+        files = {key: _shard_path(directory, index, key, name) for key, name in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
                 raise CheckpointError(f"{f}: shard listed in {INDEX_FILE} is missing")
@@ -54,6 +57,15 @@ def tensor_files(directory: Path) -> dict[str, Path]:
         with _open(single) as f:
             return {key: single for key in f.keys()}
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; is this an HF Jamba checkpoint?")
+
+
+def _shard_path(directory: Path, index: Path, key: str, name: str) -> Path:
+    """The shard file an index entry names: a plain relative path that stays inside the checkpoint."""
+    path = Path(name)
+    if not name or path.is_absolute() or ".." in path.parts or \
+            not (directory / path).resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{index}: entry {key!r} names {name!r}, not a file inside the checkpoint directory")
+    return directory / path
 
 
 def _open(path: Path):
@@ -154,10 +166,18 @@ def _read_tensor(path: Path, key: str, offsets: dict) -> np.ndarray:
     return data.reshape(shape)
 
 
-def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | None = None
-                   ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def _check_finite(file: Path, key: str, tensor: np.ndarray) -> None:
+    bad = tensor.size - int(np.count_nonzero(np.isfinite(tensor)))
+    if bad:
+        raise CheckpointError(f"{file}: tensor {key!r} holds {bad:,} NaN/Inf value(s) of {tensor.size:,}; "
+                              "refusing to load it (allow_nonfinite=True / --allow-nonfinite to load anyway)")
+
+
+def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | None = None,
+                   allow_nonfinite: bool = False) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """Yields ``(param path, leaf)`` one leaf at a time: the leaf is a fresh numpy array in ``dtype``
-    with its final (stacked, transposed) shape. ``progress(nbytes)`` is called after each tensor.
+    with its final (stacked, transposed) shape. ``progress(nbytes)`` is called after each tensor. A tensor
+    holding NaN or Inf is refused (``CheckpointError`` naming it and the count) unless ``allow_nonfinite``.
 
     Peak memory is one leaf plus one HF tensor."""
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -167,6 +187,8 @@ def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | 
         for e in entries:
             file = ckpt.files[e.hf_key]
             tensor = _read_tensor(file, e.hf_key, ckpt.offsets[file])
+            if not allow_nonfinite:
+                _check_finite(file, e.hf_key, tensor)
             if whole:  # no copy when the layout and dtype leave the tensor as it is
                 leaf = np.ascontiguousarray(e.layout.to_jax(tensor), dtype=np_dtype)
             else:
@@ -179,17 +201,19 @@ def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | 
 
 
 def load_hf_params(directory: str | Path, config: JambaConfig, dtype=jnp.float32,
-                   place: Callable[[tuple[str, ...], np.ndarray], object] | None = None):
+                   place: Callable[[tuple[str, ...], np.ndarray], object] | None = None,
+                   allow_nonfinite: bool = False):
     """The params of the HF checkpoint in ``directory`` as a pytree of arrays in ``dtype``.
 
     ``place(path, leaf)`` turns each numpy leaf into the stored array (default ``jnp.asarray``; e.g.
     a ``jax.device_put`` onto a sharding). Raises ``CheckpointError`` naming the key on an
-    unexpected, missing or mis-shaped tensor."""
+    unexpected, missing or mis-shaped tensor, or one holding NaN/Inf unless ``allow_nonfinite``."""
     ckpt = open_hf_checkpoint(directory, config)
     place = place or (lambda path, leaf: jnp.asarray(leaf))
     params = {}
     with tqdm(total=len(ckpt.nbytes), desc="loading tensors", unit="tensor", disable=None) as bar:
-        for path, leaf in iter_hf_leaves(ckpt, dtype, progress=lambda n: bar.update()):
+        for path, leaf in iter_hf_leaves(ckpt, dtype, progress=lambda n: bar.update(),
+                                          allow_nonfinite=allow_nonfinite):
             params[path] = place(path, leaf)
             del leaf
     return traverse_util.unflatten_dict(params)

@@ -110,3 +110,58 @@ def test_cli_errors_are_one_line(capsys, monkeypatch):
     monkeypatch.setenv("JAMBA_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="something"):
         main(["info", "--config", "jamba-tiny"])
+
+
+def _index(directory):
+    return directory / "model.safetensors.index.json"
+
+
+@pytest.fixture()
+def sharded_checkpoint(tmp_path):
+    from hf_reference import make_checkpoint
+
+    make_checkpoint(tmp_path, seed=0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
+                    attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                    mamba_d_state=4, max_shard_size="20KB")
+    assert _index(tmp_path).is_file()
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,message", [
+    ("../outside.safetensors", "not a file inside the checkpoint directory"),
+    ("/etc/passwd", "not a file inside the checkpoint directory"),
+    ("", "not a file inside the checkpoint directory"),
+    (7, "'weight_map' must map tensor names to file names"),
+])
+def test_index_entries_stay_inside_the_checkpoint(sharded_checkpoint, name, message):
+    index = json.loads(_index(sharded_checkpoint).read_text())
+    key = sorted(index["weight_map"])[0]
+    index["weight_map"][key] = name
+    _index(sharded_checkpoint).write_text(json.dumps(index))
+    with pytest.raises(jamba_jax.CheckpointError, match=message):
+        jamba_jax.load(sharded_checkpoint)
+
+
+def test_index_weight_map_must_be_an_object(sharded_checkpoint):
+    _index(sharded_checkpoint).write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(jamba_jax.CheckpointError, match="'weight_map' must map tensor names to file names"):
+        jamba_jax.load(sharded_checkpoint)
+
+
+def test_non_finite_weights_are_refused_by_name(sharded_checkpoint):
+    from safetensors.numpy import load_file, save_file
+
+    weight_map = json.loads(_index(sharded_checkpoint).read_text())["weight_map"]
+    key = "model.layers.0.mamba.A_log"
+    file = sharded_checkpoint / weight_map[key]
+    tensors = load_file(file)
+    tensors[key] = tensors[key].copy()
+    tensors[key].flat[[0, 3]] = [np.nan, np.inf]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(jamba_jax.CheckpointError, match=f"tensor '{key}' holds 2 NaN/Inf value"):
+        jamba_jax.load(sharded_checkpoint)
+    from jamba_jax.convert.hf_checkpoint import load_hf_params
+
+    params = load_hf_params(sharded_checkpoint, JambaConfig.named(sharded_checkpoint), allow_nonfinite=True)
+    assert np.isnan(np.asarray(params["blocks"]["layer_0"]["mamba"]["A_log"])).sum() == 1
