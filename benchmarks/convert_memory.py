@@ -5,7 +5,8 @@
 
 Writes a synthetic HF checkpoint (random numpy tensors, sharded safetensors + index; no torch) for a
 config, then converts it in a fresh subprocess (this script with ``--child``) that reports the growth of
-its peak RSS over its RSS just before the conversion.
+its peak RSS over its RSS just before the conversion, and the seconds to convert and to ``load`` the result
+(with the checksum check, and without it where ``load`` has ``verify=``).
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def child(tiny_dir: str, tiny_out: str, src: str, dst: str) -> dict:
     the costs that do not grow with the model (imports, tracing the param shapes, Orbax's and tensorstore's
     thread pools and metadata); the second is the one measured. Before each the peak-RSS mark is reset to
     the current RSS."""
+    import inspect
+
+    import jax
+
+    import jamba_jax
     from jamba_jax.convert import orbax_checkpoint
 
     def convert(source, target):
@@ -101,7 +107,20 @@ def child(tiny_dir: str, tiny_out: str, src: str, dst: str) -> dict:
         orbax_checkpoint.hf_to_orbax(source, target, progress=False)
         return {"rss_before": before, "growth": hwm_bytes() - before, "seconds": time.perf_counter() - t}
 
-    return {"first": convert(tiny_dir, tiny_out), "measured": convert(src, dst)}
+    def load(target, **kwargs):
+        t = time.perf_counter()
+        model = jamba_jax.load(target, **kwargs)
+        jax.block_until_ready(model.params)
+        del model
+        return time.perf_counter() - t
+
+    out = {"first": convert(tiny_dir, tiny_out), "measured": convert(src, dst)}
+    load(tiny_out)  # the one-time costs of a first load
+    has_verify = "verify" in inspect.signature(jamba_jax.load).parameters
+    out["load_seconds"] = min(load(dst) for _ in range(2))
+    if has_verify:
+        out["load_noverify_seconds"] = min(load(dst, verify=False) for _ in range(2))
+    return out
 
 
 def tiny_version(config: dict) -> dict:
@@ -128,6 +147,8 @@ def run(preset: str, workdir: Path) -> dict:
             "rss_before_bytes": m["measured"]["rss_before"], "peak_rss_growth_bytes": growth,
             "first_conversion_growth_bytes": fixed, "growth_over_largest_leaf": growth / largest,
             "growth_over_model": growth / model, "convert_seconds": round(m["measured"]["seconds"], 2),
+            "load_seconds": round(m["load_seconds"], 2),
+            "load_noverify_seconds": round(m["load_noverify_seconds"], 2) if "load_noverify_seconds" in m else None,
             "write_synthetic_seconds": round(written, 2)}
 
 
@@ -151,6 +172,8 @@ def main() -> None:
     print(f"peak RSS growth during conversion: {mib(result['peak_rss_growth_bytes'])} "
           f"= {result['growth_over_largest_leaf']:.2f} x largest leaf = {result['growth_over_model']:.3f} x model "
           f"(RSS before: {mib(result['rss_before_bytes'])}); convert {result['convert_seconds']} s")
+    print(f"load {result['load_seconds']} s (checksums checked); without the checksum check: "
+          f"{result['load_noverify_seconds']} s")
     print(f"one-time costs (growth of a first, tiny conversion in the process): "
           f"{mib(result['first_conversion_growth_bytes'])}")
 

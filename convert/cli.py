@@ -21,7 +21,7 @@ def cmd_convert(args) -> int:
         from .to_hf import orbax_to_hf
 
         out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, verify=not args.no_verify)
     else:
         from .orbax_checkpoint import hf_to_orbax
 
@@ -36,7 +36,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
         "convert", help="convert an HF checkpoint to an Orbax one (one param leaf at a time), or back",
         description="Converts an HF safetensors checkpoint directory SRC into a jamba_jax checkpoint "
                     "(Orbax arrays + manifest, config and tokenizer files) at DST; with --to-hf, the reverse. "
-                    "DST appears only when complete.")
+                    "DST appears only when complete; one conversion into DST at a time.")
     p.add_argument("src", metavar="SRC", help="HF checkpoint directory (with --to-hf: a converted checkpoint)")
     p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--to-hf", action="store_true", help="convert a converted checkpoint back to HF safetensors")
@@ -45,7 +45,10 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["experts-int8"], default=None,
                    help="store MoE expert and dense MLP weights as int8 + fp32 per-output-channel scales "
                         "(ExpertsInt8); load() restores them quantized")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST, if it is empty or a previous conversion")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --to-hf: skip the per-leaf checksum check (shapes and dtypes are always checked)")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="with --to-hf: largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     p.set_defaults(run=cmd_convert)

@@ -3,6 +3,11 @@
 A directory is a converted checkpoint iff it holds a manifest with ``"format": FORMAT``; the manifest
 is the last file written, so a partial output never looks like one. Importing this module does not
 import Orbax.
+
+``format_version`` 2 (this version writes): ``params/`` is ONE Orbax PyTree checkpoint of the nested
+param dict; every stored leaf's manifest entry has its ``shape``, ``dtype`` and ``checksum``
+(``checksum.py``). Version 1 (still read): one Orbax checkpoint per leaf under ``params/<path joined
+by ".">`` (the entry's ``dir``), ``dtype`` only where it differs from the manifest's, no checksum.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from .hf_checkpoint import CheckpointError
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 FORMAT = "jamba_jax.orbax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PARAMS_DIR = "params"
 # Copied verbatim between HF and converted checkpoints when present.
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -33,7 +39,7 @@ def leaf_key(path: tuple[str, ...]) -> str:
 
 
 def leaf_dir(path: tuple[str, ...]) -> str:
-    """The Orbax checkpoint of a leaf, relative to the converted directory."""
+    """Format version 1: the Orbax checkpoint of a leaf, relative to the converted directory."""
     return f"{PARAMS_DIR}/{'.'.join(path)}"
 
 
@@ -41,14 +47,10 @@ def is_converted(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST_FILE).is_file()
 
 
-def build_manifest(*, dtype: np.dtype, source_files: list[Path], params: dict[tuple, tuple[int, ...]],
-                   aux_files: list[str], quantization: str | None = None,
-                   param_dtypes: dict[tuple, np.dtype] | None = None) -> dict[str, Any]:
-    """``param_dtypes`` records the stored dtype of the leaves not stored in ``dtype`` (the int8 weights
-    and fp32 scales of a quantized checkpoint)."""
+def build_manifest(*, dtype: np.dtype, source_files: list[Path], params: dict[tuple, dict[str, Any]],
+                   aux_files: list[str], quantization: str | None = None) -> dict[str, Any]:
+    """``params`` maps each stored leaf path to its ``{"shape", "dtype", "checksum"}``."""
     import jamba_jax  # not at import time: this module is imported while jamba_jax initialises
-
-    param_dtypes = param_dtypes or {}
 
     return {
         "format": FORMAT,
@@ -58,9 +60,10 @@ def build_manifest(*, dtype: np.dtype, source_files: list[Path], params: dict[tu
         "quantization": quantization,
         "source": {"format": "hf_safetensors",
                    "files": [{"name": f.name, "bytes": f.stat().st_size} for f in source_files]},
-        "params": {leaf_key(p): {"shape": list(shape), "dir": leaf_dir(p),
-                                 **({"dtype": np.dtype(param_dtypes[p]).name} if p in param_dtypes else {})}
-                   for p, shape in params.items()},
+        "params_dir": PARAMS_DIR,
+        "params": {leaf_key(p): {"shape": list(e["shape"]), "dtype": np.dtype(e["dtype"]).name,
+                                 "checksum": e["checksum"]}
+                   for p, e in params.items()},
         "aux_files": aux_files,
     }
 
@@ -77,7 +80,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a {FORMAT} manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version not in READABLE_VERSIONS:
         raise CheckpointError(f"{file}: format_version {version!r} is not supported (this jamba_jax reads "
                               f"up to {FORMAT_VERSION}); upgrade jamba_jax")
     if manifest.get("quantization") is not None and manifest["quantization"] not in QUANTIZE_MODES:
@@ -88,17 +91,24 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_params(directory: Path, manifest: dict, shapes: dict[tuple, tuple[int, ...]]) -> None:
-    """Every param of the config is in the manifest with its shape, and nothing else is."""
+def check_params(directory: Path, manifest: dict, shapes: dict[tuple, tuple[int, ...]],
+                 dtypes: dict[tuple, Any] | None = None) -> None:
+    """Every param of the config is in the manifest with its shape (and, given ``dtypes``, its stored
+    dtype: a version-1 entry without one is in the manifest's ``dtype``), and nothing else is."""
     listed = manifest["params"]
     file = directory / MANIFEST_FILE
     for path, shape in shapes.items():
         entry = listed.get(leaf_key(path))
-        if entry is None:
+        if not isinstance(entry, dict):
             raise CheckpointError(f"{file}: missing param {leaf_key(path)!r} for this config.json")
         if tuple(entry.get("shape", ())) != tuple(shape):
             raise CheckpointError(f"{file}: param {leaf_key(path)!r} has shape {tuple(entry.get('shape', ()))}, "
                                   f"expected {tuple(shape)}")
+        if dtypes is not None:
+            stored = entry.get("dtype", manifest["dtype"])
+            if str(stored) != np.dtype(dtypes[path]).name:
+                raise CheckpointError(f"{file}: param {leaf_key(path)!r} has dtype {stored}, "
+                                      f"expected {np.dtype(dtypes[path]).name}")
     extra = sorted(set(listed) - {leaf_key(p) for p in shapes})
     if extra:
         raise CheckpointError(f"{file}: unexpected param {extra[0]!r} for this config.json")

@@ -1,33 +1,40 @@
-"""Converted checkpoints: HF safetensors -> one Orbax checkpoint per param leaf, and back into arrays.
+"""Converted checkpoints: HF safetensors -> one Orbax checkpoint of all params, and back into arrays.
 
-A converted directory holds::
+A converted directory (manifest ``format_version`` 2) holds::
 
-    manifest.json                  format, versions, dtype, source files, every param's shape
+    manifest.json                  format, versions, dtype, source files, every stored leaf's shape,
+                                   dtype and checksum (``checksum.py``)
     config.json                    the HF config, its dtype set to the stored dtype
     tokenizer.json, ...            copied from the source (see ``manifest.AUX_FILES``)
-    params/blocks.layer_0.mamba.A_log/   an Orbax PyTree checkpoint {"value": leaf} per param leaf
+    params/                        ONE Orbax PyTree checkpoint: the nested param dict, e.g.
+                                   {"blocks": {"layer_0": {"mamba": {"A_log": ...}}}, ...}
+
+``orbax.checkpoint.v1.load(DIR / "params")`` (or ``load_pytree``) restores it without jamba_jax.
 
 Quantized (``jamba convert --quantize experts-int8``, manifest ``"quantization": "experts-int8"``): each
-feed-forward weight is stored as two leaves, ``<path>.q`` (int8, the weight's shape) and ``<path>.scale``
-(fp32, the contraction axis dropped), and restored as a ``quant.QuantizedWeight``.
+feed-forward weight ``{..., "gate_proj": w}`` is stored as ``{..., "gate_proj": {"q": int8, "scale": fp32}}``
+(the scale without the contraction axis) and restored as a ``quant.QuantizedWeight``.
 
-Each leaf is its own Orbax checkpoint so that the converter writes, and the loader restores, one leaf
-at a time: host memory peaks near the largest leaf (e.g. a stacked expert kernel
-``[num_blocks, experts, hidden, intermediate]``), not the model. A leaf is stored as an uncompressed
-zarr array in chunks of at most ``CHUNK_BYTES``, written chunk by chunk without copying the leaf, and
-can be restored into any ``jax.sharding.Sharding``, each device reading only the chunks of its shard.
+The converter writes the checkpoint leaf by leaf with Orbax's partial saving (``partial.save`` once per leaf,
+``partial.finalize`` at the end), so host memory peaks near the largest leaf (e.g. a stacked expert
+kernel ``[num_blocks, experts, hidden, intermediate]``), not the model. The loader restores the whole tree in
+one ``orbax.checkpoint.v1.load`` call into an abstract tree that carries each leaf's sharding: every device reads only
+the chunks of its shard. Version-1 checkpoints (one Orbax checkpoint per leaf, ``params/<a.b.c>/``) are
+still read, by ``LeafReader``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
-import inspect
 import itertools
 import json
 import logging
+import threading
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,19 +43,32 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import traverse_util
 from jax.sharding import Mesh
+from orbax.checkpoint import v1 as ocp_v1
 from tqdm.auto import tqdm
 
 from ..config import JambaConfig
 from ..params import abstract_params, is_quantized
 from ..quant import QuantizedWeight, check_quantize, quantize, quantized_sharding
-from .atomic_dir import atomic_output_dir, check_distinct
+from .atomic_dir import atomic_output_dir, check_distinct, is_empty_dir
+from .checksum import array_checksum, checksum
 from .hf_checkpoint import CheckpointError, iter_hf_leaves, open_hf_checkpoint
 from .manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, build_manifest, check_params, copy_aux_files,
-                       is_converted, leaf_dir, read_manifest, write_config)
+                       is_converted, leaf_dir, leaf_key, read_manifest, write_config)
 from .placement import leaf_shardings
 
-CHUNK_BYTES = 16 << 20
-ITEM = "value"
+ITEM = "value"  # format version 1: each leaf's checkpoint is {"value": leaf}
+# Orbax chunks each stored array into zarr chunks of at most this many bytes: a device restoring a shard
+# reads only the chunks it covers, and tensorstore stages one chunk at a time, not the leaf.
+CHUNK_BYTES = 4 << 20
+# Chunks written concurrently (each staged by tensorstore). 4 did not measurably speed up the `large`
+# preset on 2 cores (save 14-16 s either way) and raised the peak from 1.15x to 1.3x the largest leaf.
+CHUNKS_IN_FLIGHT = 1
+# Leaves smaller than this are saved together, up to this many bytes per ``partial.save``: each call costs
+# ~90 ms (a pending directory, metadata, an OCDBT manifest, and a merge at ``finalize``), which for a
+# model's many small leaves (norms, biases, conv kernels) would dominate the conversion time (`test`
+# preset: 65 calls, 5.9 s of saves + 2.1 s of finalize; grouped: 11 calls, 1.5 s + 0.2 s). Grouping up to
+# half the largest leaf instead did not speed up the `large` preset and raised its peak to 1.55x.
+GROUP_BYTES = 16 << 20
 
 
 @contextlib.contextmanager
@@ -58,62 +78,77 @@ def _quiet_orbax():
     level = logger.level
     logger.setLevel(max(level, logging.ERROR))
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         logger.setLevel(level)
 
 
-def chunk_regions(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+def _orbax_context(*, partial_load: bool = False) -> ocp_v1.Context:
+    ctx = ocp_v1.Context()
+    saving = ctx.array.saving
+    saving.use_compression = False  # weights barely compress; zstd would cost time and a buffer per chunk
+    saving.storage_options.chunk_byte_size = CHUNK_BYTES
+    # The leaf is not touched while Orbax writes it (save() blocks), so no defensive copy of it.
+    ctx.memory.deepcopy_host_arrays = False
+    if partial_load:
+        ctx.pytree.loading.partial_load = True
+    return ctx
+
+
+def chunk_regions(shape: tuple[int, ...], chunk: tuple[int, ...]):
     """The index of every chunk of an array of ``shape`` split into ``chunk``-shaped blocks."""
     starts = [range(0, n, c) for n, c in zip(shape, chunk)]
     for corner in itertools.product(*starts):
         yield tuple(slice(i, min(i + c, n)) for i, c, n in zip(corner, chunk, shape))
 
 
-class _ChunkwiseNumpyHandler(ocp.type_handlers.NumpyHandler):
-    """Orbax's numpy handler, writing one chunk at a time.
-
-    One tensorstore write of a multi-chunk array stages a copy of every chunk before any is stored
-    (a second copy of the leaf); chunk by chunk, only one chunk is staged. Orbax versions without
-    this hook fall back to the one-shot write, which is as correct but peaks at twice the leaf."""
-
-    async def _open_and_write(self, value: np.ndarray, tspec, ts_context):
-        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-        chunk = tuple(t.chunk_layout.write_chunk.shape)
-        for region in chunk_regions(value.shape, chunk):
-            await t[region].write(value[region], can_reference_source_data_indefinitely=True)
+async def _write_chunkwise(self, value: np.ndarray, tspec, ts_context):
+    """Orbax's numpy write (``NumpyHandler._open_and_write``), ``CHUNKS_IN_FLIGHT`` zarr chunks at a time."""
+    t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+    chunk = tuple(t.chunk_layout.write_chunk.shape)
+    regions = list(chunk_regions(value.shape, chunk))
+    for i in range(0, len(regions), CHUNKS_IN_FLIGHT):
+        await asyncio.gather(*(t[r].write(value[r], can_reference_source_data_indefinitely=True)
+                               for r in regions[i:i + CHUNKS_IN_FLIGHT]))
 
 
-def _numpy_handler():
-    try:
-        return _ChunkwiseNumpyHandler(deepcopy_host_arrays=False)
-    except TypeError:  # Orbax versions before the option did not copy
-        return _ChunkwiseNumpyHandler()
+_patch_lock = threading.Lock()
 
 
-class LeafWriter:
-    """Saves numpy leaves, each as its own Orbax checkpoint: uncompressed zarr chunks of at most
-    ``CHUNK_BYTES``, written without copying the leaf."""
+@contextlib.contextmanager
+def _chunkwise_numpy_writes():
+    """While saving, Orbax writes each numpy leaf one chunk at a time.
 
-    def __init__(self):
-        registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, _numpy_handler()))
-        options = {"use_ocdbt": False, "type_handler_registry": registry}
-        if "use_compression" in inspect.signature(ocp.PyTreeCheckpointHandler).parameters:
-            options["use_compression"] = False  # weights barely compress; zstd would cost time and a buffer
-        with _quiet_orbax():
-            self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options))
-
-    def write(self, directory: Path, leaf: np.ndarray) -> None:
-        args = ocp.args.PyTreeSave({ITEM: leaf}, save_args={ITEM: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES)})
-        with _quiet_orbax():
-            self._checkpointer.save(directory.absolute(), args=args)
+    Still needed (measured with Orbax 0.12.8, uncompressed, no defensive copy, 16 MiB chunks; peak RSS
+    growth over six leaves saved one by one with ``partial.save``, / one leaf): Orbax's single tensorstore
+    write of a multi-chunk array stages every chunk before storing any, 2.5x for 64 MiB leaves and 2.75x
+    for 256 MiB ones; chunk by chunk 2.0x and 1.25x. Without chunks (one chunk per leaf) a plain save
+    stays at 1.0x, but then a sharded restore decodes the whole leaf for every shard (2.25x a 256 MiB leaf
+    over 8 devices, against 1.23x chunked), defeating "each device reads only its shard". Orbax v1 has no
+    public hook for a custom numpy leaf handler under partial saving, so the method of its v0
+    ``NumpyHandler`` (which v1's numpy leaf handler instantiates) is swapped for the duration of a save."""
+    handler = ocp.type_handlers.NumpyHandler
+    with _patch_lock:
+        original = handler.__dict__.get("_open_and_write")
+        handler._open_and_write = _write_chunkwise
+        try:
+            yield
+        finally:
+            if original is None:
+                del handler._open_and_write
+            else:
+                handler._open_and_write = original
 
 
 def _return_freed_buffers_to_os() -> None:
     """Makes glibc serve every allocation of 1 MiB or more (tensors, leaves, chunk buffers) by its own
-    mmap, returned to the OS when freed. By default glibc raises that threshold up to 32 MiB as it
-    goes, and the freed buffers of tensorstore's many threads then stay in per-thread heaps: the
-    process grows by about one leaf more than it uses. A no-op elsewhere than glibc."""
+    mmap, returned to the OS when freed. By default glibc raises that threshold up to 32 MiB as it goes,
+    and the freed buffers of tensorstore's many threads then stay in per-thread heaps.
+
+    Still needed with partial saving (measured, ``benchmarks/convert_memory.py --preset test``: peak RSS
+    growth 2.99x the largest leaf without it, 2.05x with it). A no-op elsewhere than glibc."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
@@ -121,8 +156,91 @@ def _return_freed_buffers_to_os() -> None:
         pass
 
 
+class LeafWriter:
+    """Writes numpy leaves one at a time into the single Orbax checkpoint ``directory`` (partial saving);
+    ``finalize`` makes it a complete checkpoint (an atomic rename inside the output directory)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory).absolute()
+
+    def write(self, leaves: dict[tuple[str, ...], np.ndarray]) -> None:
+        """One ``partial.save`` of the leaves ``path -> array`` (disjoint from those already written)."""
+        with _quiet_orbax(), _orbax_context(), _chunkwise_numpy_writes():
+            ocp_v1.partial.save(self.directory, traverse_util.unflatten_dict(leaves))
+
+    def finalize(self) -> None:
+        with _quiet_orbax(), _orbax_context():
+            ocp_v1.partial.finalize(self.directory)
+
+
+def _orbax_error(where, e: Exception) -> CheckpointError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"{where}: cannot restore ({reason})")
+
+
+def restore_tree(directory: Path, abstract: dict[tuple, Any], *, partial: bool = False) -> dict[tuple, Any]:
+    """The leaves ``abstract`` (flat ``path -> jax.ShapeDtypeStruct with a sharding`` (a ``jax.Array``) or
+    ``np.ndarray`` (numpy; only its shape and dtype matter)) restored from the Orbax checkpoint ``directory``
+    in one ``orbax.checkpoint.v1.load`` call; ``partial``: ``abstract`` is a subset of the stored leaves."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: missing params checkpoint")
+    try:
+        with _quiet_orbax(), _orbax_context(partial_load=partial):
+            out = ocp_v1.load(directory.absolute(), traverse_util.unflatten_dict(abstract))
+    except CheckpointError:
+        raise
+    except Exception as e:  # Orbax and tensorstore raise many types for unreadable data
+        raise _orbax_error(directory, e) from None
+    return traverse_util.flatten_dict(out)
+
+
+def stored_metadata(directory: Path) -> dict[tuple, tuple[tuple[int, ...], np.dtype]]:
+    """``path -> (shape, dtype)`` of every leaf of the Orbax checkpoint ``directory``, from its metadata."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: missing params checkpoint")
+    try:
+        with _quiet_orbax():
+            meta = ocp_v1.pytree_metadata(directory.absolute()).metadata
+    except Exception as e:
+        raise _orbax_error(directory, e) from None
+    flat = traverse_util.flatten_dict(meta, is_leaf=lambda _, v: not isinstance(v, dict))
+    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flat.items()}
+
+
+def check_stored(directory: Path, manifest: dict, paths) -> None:
+    """The Orbax checkpoint holds exactly ``paths``, each with the shape and dtype of its manifest entry:
+    a leaf replaced by one of another shape or dtype is refused by name before anything is read."""
+    params_dir = directory / manifest.get("params_dir", PARAMS_DIR)
+    stored = stored_metadata(params_dir)
+    for path in paths:
+        entry = manifest["params"][leaf_key(path)]
+        if path not in stored:
+            raise CheckpointError(f"{params_dir}: missing param {leaf_key(path)!r}")
+        shape, dtype = stored[path]
+        if shape != tuple(entry["shape"]):
+            raise CheckpointError(f"{params_dir}: param {leaf_key(path)!r} has shape {shape}, "
+                                  f"expected {tuple(entry['shape'])} (manifest)")
+        if dtype.name != entry["dtype"]:
+            raise CheckpointError(f"{params_dir}: param {leaf_key(path)!r} has dtype {dtype.name}, "
+                                  f"expected {entry['dtype']} (manifest)")
+    extra = sorted(set(stored) - set(paths))
+    if extra:
+        raise CheckpointError(f"{params_dir}: unexpected param {leaf_key(extra[0])!r}")
+
+
+def verify_checksum(directory: Path, manifest: dict, path: tuple, value) -> None:
+    """``value`` (numpy or a ``jax.Array`` in the stored dtype) has the checksum the manifest recorded."""
+    want = manifest["params"][leaf_key(path)].get("checksum")
+    got = array_checksum(value)
+    if want is not None and got is not None and got != want:
+        raise CheckpointError(f"{directory / manifest.get('params_dir', PARAMS_DIR)}: param {leaf_key(path)!r} "
+                              f"fails its checksum (stored data differ from the conversion's; swapped or "
+                              f"corrupted?)")
+
+
 class LeafReader:
-    """Restores leaves saved by ``LeafWriter`` onto a sharding or as numpy."""
+    """Format version 1: restores the per-leaf Orbax checkpoints (``params/<a.b.c>/``, ``{"value": leaf}``)
+    onto a sharding or as numpy."""
 
     def __init__(self):
         with _quiet_orbax():
@@ -182,6 +300,11 @@ def quantize_leaf(leaf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def is_previous_conversion(directory: Path) -> bool:
+    """What ``--overwrite`` may replace: an empty directory or a converted checkpoint."""
+    return is_empty_dir(directory) or is_converted(directory)
+
+
 def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = False,
                 progress: bool = True, quantize: str | None = None) -> Path:
     """Converts the HF checkpoint directory ``src`` into a converted checkpoint at ``dst``.
@@ -189,8 +312,9 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool
     ``dtype`` (default: the checkpoint's) is the stored dtype. ``quantize="experts-int8"`` stores every
     MoE expert and dense MLP weight as int8 + fp32 scales (quantized from the weight in ``dtype``) and
     records it in the manifest. Every key and shape is checked before anything is written; the output
-    appears at ``dst`` only when complete. Raises ``CheckpointError`` / ``ConfigError`` naming the file
-    or key."""
+    appears at ``dst`` only when complete (see ``atomic_dir``: one writer at a time, ``overwrite`` replaces
+    only an empty directory or a previous conversion). Raises ``CheckpointError`` / ``ConfigError``
+    naming the file or key."""
     check_quantize(quantize)
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -202,9 +326,9 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool
     ckpt = open_hf_checkpoint(src, config)
     check_distinct(src, dst)
     _return_freed_buffers_to_os()
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        (tmp / PARAMS_DIR).mkdir()
-        writer = LeafWriter()
+    with atomic_output_dir(dst, overwrite=overwrite, replaceable=is_previous_conversion) as tmp:
+        writer = LeafWriter(tmp / PARAMS_DIR)
+        entries: dict[tuple, dict] = {}
         total = len(ckpt.nbytes)
         with tqdm(total=sum(ckpt.nbytes.values()), desc="converting", unit="B", unit_scale=True,
                   disable=None if progress else True) as bar:
@@ -216,67 +340,133 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool
                 bar.set_postfix_str(f"{done}/{total} tensors", refresh=False)
                 bar.update(nbytes)
 
+            pending: dict[tuple, np.ndarray] = {}
+
+            def flush():
+                if pending:
+                    writer.write(dict(pending))
+                    pending.clear()
+
+            def write(path, leaf):
+                entries[path] = {"shape": leaf.shape, "dtype": leaf.dtype, "checksum": checksum(leaf)}
+                if leaf.nbytes >= GROUP_BYTES:
+                    flush()
+                    writer.write({path: leaf})
+                    return
+                pending[path] = leaf
+                if sum(a.nbytes for a in pending.values()) >= GROUP_BYTES:
+                    flush()
+
             for path, leaf in iter_hf_leaves(ckpt, np_dtype, tick):
                 if quantize is not None and is_quantized(path):
                     q, scale = quantize_leaf(leaf)
                     del leaf
-                    writer.write(tmp / leaf_dir(path + ("q",)), q)
-                    writer.write(tmp / leaf_dir(path + ("scale",)), scale)
+                    write(path + ("q",), q)
+                    write(path + ("scale",), scale)
                     del q, scale
                 else:
-                    writer.write(tmp / leaf_dir(path), leaf)
+                    write(path, leaf)
                     del leaf
+            flush()
+        writer.finalize()
         write_config(src, tmp, np_dtype)
         aux = copy_aux_files(src, tmp)
-        floats = {p: jax.ShapeDtypeStruct(shape, np_dtype) for p, (shape, _) in ckpt.leaves.items()}
-        stored = stored_leaves(floats, quantize)
         manifest = build_manifest(dtype=np_dtype, source_files=ckpt.source_files, aux_files=aux,
-                                  params={p: s.shape for p, s in stored.items()}, quantization=quantize,
-                                  param_dtypes={p: s.dtype for p, s in stored.items() if s.dtype != np_dtype})
+                                  params=entries, quantization=quantize)
         _write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete checkpoint
     return dst
 
 
+def checked_manifest(directory: Path, config: JambaConfig) -> tuple[dict, dict[tuple, jax.ShapeDtypeStruct]]:
+    """The manifest of ``directory`` checked against ``config`` and against the Orbax checkpoint's own
+    metadata (every stored leaf's shape and dtype), and the stored leaves ``path -> ShapeDtypeStruct``."""
+    manifest = read_manifest(directory)
+    stored_dtype = np.dtype(manifest["dtype"])
+    if np.dtype(jnp.dtype(config.dtype)) != stored_dtype:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: dtype {config.dtype}, but {MANIFEST_FILE} says "
+                              f"{stored_dtype.name}")
+    abstract = traverse_util.flatten_dict(abstract_params(config, stored_dtype))
+    stored = stored_leaves(abstract, manifest.get("quantization"))
+    check_params(directory, manifest, {p: s.shape for p, s in stored.items()},
+                 {p: s.dtype for p, s in stored.items()})
+    if manifest["format_version"] >= 2:
+        check_stored(directory, manifest, stored)
+    return manifest, stored
+
+
 def restore_params(directory: str | Path, *, dtype=None, mesh: Mesh | None = None,
-                   shardings: Any = None) -> tuple[JambaConfig, dict, str | None]:
+                   shardings: Any = None, verify: bool = True) -> tuple[JambaConfig, dict, str | None]:
     """``(config, params, quantization)`` of the converted checkpoint in ``directory`` (``quantization``:
     the manifest's, ``"experts-int8"`` or None). With ``mesh`` and/or
     ``shardings`` each leaf is restored straight into its sharding (see ``placement.leaf_shardings``):
     every device reads only its shard, so no host holds the model.
 
-    ``dtype`` defaults to the stored dtype; other dtypes are cast while reading. A quantized checkpoint
-    (manifest ``quantization``) gives ``quant.QuantizedWeight`` feed-forward weights (int8 + fp32 scales,
-    whatever ``dtype``), each scale sharded like its weight minus the contraction axis."""
+    ``dtype`` defaults to the stored dtype; other dtypes are cast while reading (with ``verify``: after
+    checking the stored values). A quantized checkpoint (manifest ``quantization``) gives
+    ``quant.QuantizedWeight`` feed-forward weights (int8 + fp32 scales, whatever ``dtype``), each scale
+    sharded like its weight minus the contraction axis.
+
+    Every leaf's shape and dtype are checked against the manifest and ``config.json`` (and, format 2,
+    the Orbax metadata) before anything is read; ``verify`` (format 2) also checks every leaf's checksum
+    after reading it. A mismatch raises a one-line ``CheckpointError`` naming the leaf."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
     config = JambaConfig.from_json(directory / CONFIG_FILE)
+    manifest, stored = checked_manifest(directory, config)
     dtype = jnp.dtype(dtype if dtype is not None else manifest["dtype"])
     abstract = traverse_util.flatten_dict(abstract_params(config, dtype))
     quantization = manifest.get("quantization")
-    check_params(directory, manifest, {p: s.shape for p, s in stored_leaves(abstract, quantization).items()})
-    reader = LeafReader()
     placement = None
     if mesh is not None or shardings is not None:
         placement = leaf_shardings(abstract, mesh=mesh, shardings=shardings)
-
-    def read(path, sds, sharding):
-        if placement is None:
-            # Like the HF loader: uncommitted arrays on the default device (jit treats committed ones as
-            # a different signature, so the two loaders would not share compilations).
-            return jnp.asarray(reader.read_numpy(directory / leaf_dir(path), sds.dtype))
-        return reader.read(directory / leaf_dir(path), jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
-
-    params = {}
+    # the stored leaves (q and scale for a quantized weight): their sharding, and the dtype to read them in
+    targets: dict[tuple, tuple[Any, Any]] = {}
     for path, sds in abstract.items():
         sharding = None if placement is None else placement[path]
         if quantization is not None and is_quantized(path):
-            parts = stored_leaves({path: sds}, quantization)
             where = quantized_sharding(sharding, sds.ndim) if sharding is not None else QuantizedWeight(None, None)
-            params[path] = QuantizedWeight(read(path + ("q",), parts[path + ("q",)], where.q),
-                                           read(path + ("scale",), parts[path + ("scale",)], where.scale))
+            targets[path + ("q",)] = (where.q, stored[path + ("q",)].dtype)
+            targets[path + ("scale",)] = (where.scale, stored[path + ("scale",)].dtype)
         else:
-            params[path] = read(path, sds, sharding)
+            targets[path] = (sharding, dtype)
+    if manifest["format_version"] < 2:
+        values = _restore_v1(directory, stored, targets)
+    else:
+        check = verify
+        # With verify, leaves are read in their stored dtype (the checksum is of the stored bits), then cast.
+        read_as = {p: (sh, stored[p].dtype if check else dt) for p, (sh, dt) in targets.items()}
+        abstract_tree = {p: np.empty(stored[p].shape, dt) if sh is None else
+                         jax.ShapeDtypeStruct(stored[p].shape, dt, sharding=sh) for p, (sh, dt) in read_as.items()}
+        values = restore_tree(directory / manifest.get("params_dir", PARAMS_DIR), abstract_tree)
+        for p, (sh, dt) in targets.items():
+            v = values[p]
+            if check:
+                verify_checksum(directory, manifest, p, v)
+                if v.dtype != dt:
+                    v = v.astype(dt)
+            if sh is None:
+                # Like the HF loader: uncommitted arrays on the default device (jit treats committed ones as
+                # a different signature, so the two loaders would not share compilations).
+                v = jnp.asarray(v)
+            values[p] = v  # the numpy leaf is freed as its array replaces it: peak model + one leaf
+    params = {}
+    for path in abstract:
+        if quantization is not None and is_quantized(path):
+            params[path] = QuantizedWeight(values.pop(path + ("q",)), values.pop(path + ("scale",)))
+        else:
+            params[path] = values.pop(path)
     return config, traverse_util.unflatten_dict(params), quantization
+
+
+def _restore_v1(directory: Path, stored, targets) -> dict[tuple, Any]:
+    """Format version 1: one Orbax checkpoint per leaf, read one at a time (no checksums to verify)."""
+    reader = LeafReader()
+    out = {}
+    for p, (sharding, dt) in targets.items():
+        if sharding is None:
+            out[p] = jnp.asarray(reader.read_numpy(directory / leaf_dir(p), dt))
+        else:
+            out[p] = reader.read(directory / leaf_dir(p), jax.ShapeDtypeStruct(stored[p].shape, dt, sharding=sharding))
+    return out
 
 
 def _write_json(file: Path, obj) -> None:

@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 from ..config import JambaConfig
 from ..params import abstract_params
-from .atomic_dir import atomic_output_dir, check_distinct
-from .hf_checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, hf_shape
+from .atomic_dir import atomic_output_dir, check_distinct, is_empty_dir
+from .hf_checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, hf_shape, tensor_files
 from .hf_keys import Entry, checkpoint_entries
-from .manifest import CONFIG_FILE, check_params, copy_aux_files, leaf_dir, read_manifest, write_config
-from .orbax_checkpoint import LeafReader
+from .manifest import CONFIG_FILE, PARAMS_DIR, copy_aux_files, leaf_dir, read_manifest, write_config
+from .orbax_checkpoint import LeafReader, checked_manifest, restore_tree, verify_checksum
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -46,12 +46,24 @@ def shard_names(n: int) -> list[str]:
     return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def is_hf_checkpoint_or_empty(directory: Path) -> bool:
+    """What ``--to-hf --overwrite`` may replace: an empty directory or an HF checkpoint."""
+    if is_empty_dir(directory):
+        return True
+    try:
+        tensor_files(directory)
+    except CheckpointError:
+        return False
+    return (directory / CONFIG_FILE).is_file()
+
+
 def orbax_to_hf(src: str | Path, dst: str | Path, *, dtype=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                overwrite: bool = False, progress: bool = True) -> Path:
+                overwrite: bool = False, progress: bool = True, verify: bool = True) -> Path:
     """Writes the converted checkpoint ``src`` as an HF checkpoint directory ``dst`` (safetensors
     shards + ``model.safetensors.index.json`` when there are several, config.json, tokenizer files).
 
-    ``dtype`` defaults to the stored dtype. The output appears at ``dst`` only when complete."""
+    ``dtype`` defaults to the stored dtype. Every leaf's shape and dtype are checked against the manifest
+    (and its checksum, unless ``verify=False``). The output appears at ``dst`` only when complete."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory; expected a converted checkpoint directory")
@@ -62,7 +74,7 @@ def orbax_to_hf(src: str | Path, dst: str | Path, *, dtype=None, max_shard_bytes
     config = JambaConfig.from_json(src / CONFIG_FILE)
     np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else manifest["dtype"]))
     shapes = {p: s.shape for p, s in traverse_util.flatten_dict(abstract_params(config)).items()}
-    check_params(src, manifest, shapes)
+    manifest, stored = checked_manifest(src, config)
     check_distinct(src, dst)
     leaves: dict[tuple, list[Entry]] = {}
     for e in checkpoint_entries(config):
@@ -72,15 +84,27 @@ def orbax_to_hf(src: str | Path, dst: str | Path, *, dtype=None, max_shard_bytes
     file_of = {key: name for name, keys in zip(names, shards) for key in keys}
     total_bytes = 0
 
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    def read_leaf(path) -> np.ndarray:
+        if manifest["format_version"] < 2:
+            return reader.read_numpy(src / leaf_dir(path), np_dtype)
+        # one leaf of the single Orbax checkpoint (partial restore), in its stored dtype when verifying
+        leaf = restore_tree(src / manifest.get("params_dir", PARAMS_DIR),
+                            {path: np.empty(stored[path].shape, stored[path].dtype if verify else np_dtype)},
+                            partial=True)[path]
+        if verify:
+            verify_checksum(src, manifest, path, leaf)
+        return np.asarray(leaf, np_dtype)
+
+    with atomic_output_dir(dst, overwrite=overwrite, replaceable=is_hf_checkpoint_or_empty) as tmp:
         reader = LeafReader()
         pending: dict[str, np.ndarray] = {}
         shard = 0
         with tqdm(total=len(file_of), desc="writing HF", unit="tensor", disable=None if progress else True) as bar:
             for path, entries in leaves.items():
-                leaf = reader.read_numpy(src / leaf_dir(path), np_dtype)
+                leaf = read_leaf(path)
                 if leaf.shape != shapes[path]:
-                    raise CheckpointError(f"{src / leaf_dir(path)}: shape {leaf.shape}, expected {shapes[path]}")
+                    raise CheckpointError(f"{src}: param {'/'.join(path)!r} has shape {leaf.shape}, "
+                                          f"expected {shapes[path]}")
                 for e in entries:
                     pending[e.hf_key] = np.ascontiguousarray(e.layout.to_hf(leaf[e.index]))
                     total_bytes += pending[e.hf_key].nbytes

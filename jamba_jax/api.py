@@ -58,7 +58,7 @@ class Jamba:
 
 
 def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: str | None = None,
-         kernels: "str | Kernels" = "xla") -> Jamba:
+         kernels: "str | Kernels" = "xla", verify: bool = True) -> Jamba:
     """Loads a Jamba checkpoint directory: an HF one (``config.json`` + safetensors, single or
     sharded) or one written by ``jamba convert`` (detected by its ``manifest.json``).
 
@@ -68,9 +68,13 @@ def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: s
     matching the params, or a callable ``(path, jax.ShapeDtypeStruct) -> Sharding`` with ``path`` a tuple
     of param keys; leaves it leaves out are replicated on ``mesh``). The model keeps the mesh:
     ``forward`` and ``generate`` then run sharded over it.
-    A converted checkpoint restores every leaf straight into its sharding; an HF one is read one leaf
-    at a time and put onto it. Raises ``ConfigError`` / ``CheckpointError`` with a message naming the
-    file or key.
+    A converted checkpoint is restored by Orbax in one call into an abstract tree that carries every
+    leaf's sharding (each device reads only its shard); an HF one is read one leaf at a time and put onto
+    it. Raises ``ConfigError`` / ``CheckpointError`` with a message naming the file or key.
+
+    A converted checkpoint's leaves are always checked against its ``manifest.json`` and ``config.json``
+    (shape and dtype, before anything is read); ``verify`` (default True) also checks each leaf's checksum
+    recorded at conversion (see ``docs/convert.md`` for its cost); ``verify=False`` skips that.
 
     ``quantize="experts-int8"`` stores every MoE expert and dense MLP weight as int8 with fp32 per-output-
     channel scales (``quant.quantize_params``); from an HF checkpoint each such leaf is quantized as soon as
@@ -88,7 +92,7 @@ def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: s
     if is_converted(path):
         from .convert.orbax_checkpoint import restore_params  # imports Orbax: only when needed
 
-        config, params, stored = restore_params(path, dtype=dtype, mesh=mesh, shardings=shardings)
+        config, params, stored = restore_params(path, dtype=dtype, mesh=mesh, shardings=shardings, verify=verify)
         quantize = quantize or stored  # a quantized checkpoint stays quantized
         params = quantize_params(params, config, quantize)
         return Jamba(config, params, _load_tokenizer(path), checkpoint_dir=path, quantize=quantize, **kept)

@@ -132,13 +132,15 @@ def test_converted_back_loads_in_transformers(tmp_path):
 def test_manifest(checkpoints, dtype):
     hf_dir, converted = checkpoints(dtype)
     manifest = json.loads((converted / "manifest.json").read_text())
-    assert manifest["format"] == "jamba_jax.orbax" and manifest["format_version"] == 1
+    assert manifest["format"] == "jamba_jax.orbax" and manifest["format_version"] == 2
     assert manifest["jamba_jax_version"] == jamba_jax.__version__
     assert manifest["quantization"] is None
     assert manifest["dtype"] == dtype == jamba_jax.JambaConfig.from_json(hf_dir / "config.json").dtype
     sources = {f["name"]: f["bytes"] for f in manifest["source"]["files"]}
     assert sources == {f.name: f.stat().st_size for f in hf_dir.glob("*.safetensors")}
-    assert manifest["params"]["blocks/layer_1/feed_forward/experts/gate_proj"]["shape"] == [2, 2, 16, 24]
+    entry = manifest["params"]["blocks/layer_1/feed_forward/experts/gate_proj"]
+    assert entry["shape"] == [2, 2, 16, 24] and entry["dtype"] == dtype and len(entry["checksum"]) == 32
+    assert manifest["params_dir"] == "params" and (converted / "params" / "_CHECKPOINT_METADATA").is_file()
 
 
 def test_dtype_option_and_cast_on_load(tmp_path):
@@ -156,14 +158,20 @@ def test_dtype_option_and_cast_on_load(tmp_path):
         assert np.array_equal(a, b.astype(np.float32))
 
 
-def test_overwrite_replaces_output(checkpoints, tmp_path):
+def test_overwrite_replaces_only_a_previous_conversion_or_an_empty_dir(checkpoints, tmp_path, capsys):
     hf_dir, _ = checkpoints("float32")
     out = tmp_path / "ckpt"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    assert main(["convert", str(hf_dir), str(out), "--overwrite"]) == 0  # empty
+    (out / "stale.txt").write_text("old")  # a previous conversion, with an extra file
     assert main(["convert", str(hf_dir), str(out), "--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and (out / "manifest.json").is_file()
     assert leftovers(tmp_path, "ckpt") == ["ckpt"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    run_cli(["convert", hf_dir, other, "--overwrite"], capsys, "neither empty nor a previous conversion")
+    assert (other / "notes.txt").read_text() == "mine" and leftovers(tmp_path, "other") == ["other"]
 
 
 # ---- restore onto a mesh -------------------------------------------------------------------------
@@ -356,18 +364,19 @@ def test_failure_while_writing_leaves_nothing(hf_copy, tmp_path, capsys, monkeyp
     calls = []
     write = orbax_checkpoint.LeafWriter.write
 
-    def failing_write(self, directory, leaf):
-        calls.append(directory)
+    def failing_write(self, leaves):
+        calls.append(leaves)
         if len(calls) == 4:
-            raise OSError(28, "No space left on device", str(directory / "value" / "0.0"))
-        write(self, directory, leaf)
+            raise OSError(28, "No space left on device", str(self.directory / "state" / "d" / "0"))
+        write(self, leaves)
 
+    monkeypatch.setattr(orbax_checkpoint, "GROUP_BYTES", 0)  # one leaf per write
     monkeypatch.setattr(orbax_checkpoint.LeafWriter, "write", failing_write)
     err = run_cli(["convert", hf_copy, tmp_path / "out"], capsys, "No space left on device")
     assert str(tmp_path / "out" / "params") in err and ".partial" not in err
     assert leftovers(tmp_path, "out") == []
 
-    def interrupted(self, directory, leaf):
+    def interrupted(self, leaves):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(orbax_checkpoint.LeafWriter, "write", interrupted)
@@ -380,9 +389,9 @@ def test_to_hf_bad_inputs(hf_copy, converted, tmp_path, capsys):
     run_cli(["convert", converted, tmp_path / "again"], capsys, "already a converted checkpoint")
     broken = tmp_path / "broken"
     main(["convert", str(hf_copy), str(broken)])
-    leaf = broken / "params" / "blocks.layer_0.mamba.A_log"
-    shutil.rmtree(leaf)
-    run_cli(["convert", "--to-hf", broken, tmp_path / "back"], capsys, f"{leaf}: missing param checkpoint")
+    params = broken / "params"
+    shutil.rmtree(params)
+    run_cli(["convert", "--to-hf", broken, tmp_path / "back"], capsys, f"{params}: missing params checkpoint")
     assert leftovers(tmp_path, "back") == []
     manifest = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps(dict(manifest, format_version=99)))
