@@ -25,7 +25,8 @@ def cmd_convert(args) -> int:
     else:
         from .orbax_checkpoint import hf_to_orbax
 
-        out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quantize=args.quantize)
+        out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, quantize=args.quantize,
+                          allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out}")
     return 0
 
@@ -49,6 +50,8 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
                    help="replace an existing DST, if it is empty or a previous conversion")
     p.add_argument("--no-verify", action="store_true",
                    help="with --to-hf: skip the per-leaf checksum check (shapes and dtypes are always checked)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert tensors holding NaN/Inf (refused by default, naming the tensor)")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="with --to-hf: largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     p.set_defaults(run=cmd_convert)

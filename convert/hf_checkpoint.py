@@ -170,7 +170,7 @@ def _check_finite(file: Path, key: str, tensor: np.ndarray) -> None:
     bad = tensor.size - int(np.count_nonzero(np.isfinite(tensor)))
     if bad:
         raise CheckpointError(f"{file}: tensor {key!r} holds {bad:,} NaN/Inf value(s) of {tensor.size:,}; "
-                              "refusing to load it (allow_nonfinite=True / --allow-nonfinite to load anyway)")
+                              "refusing it (load(..., allow_nonfinite=True) / jamba convert --allow-nonfinite to accept)")
 
 
 def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | None = None,

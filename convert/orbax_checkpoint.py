@@ -306,7 +306,7 @@ def is_previous_conversion(directory: Path) -> bool:
 
 
 def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = False,
-                progress: bool = True, quantize: str | None = None) -> Path:
+                progress: bool = True, quantize: str | None = None, allow_nonfinite: bool = False) -> Path:
     """Converts the HF checkpoint directory ``src`` into a converted checkpoint at ``dst``.
 
     ``dtype`` (default: the checkpoint's) is the stored dtype. ``quantize="experts-int8"`` stores every
@@ -357,7 +357,7 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool
                 if sum(a.nbytes for a in pending.values()) >= GROUP_BYTES:
                     flush()
 
-            for path, leaf in iter_hf_leaves(ckpt, np_dtype, tick):
+            for path, leaf in iter_hf_leaves(ckpt, np_dtype, tick, allow_nonfinite=allow_nonfinite):
                 if quantize is not None and is_quantized(path):
                     q, scale = quantize_leaf(leaf)
                     del leaf

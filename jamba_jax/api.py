@@ -58,7 +58,7 @@ class Jamba:
 
 
 def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: str | None = None,
-         kernels: "str | Kernels" = "xla", verify: bool = True) -> Jamba:
+         kernels: "str | Kernels" = "xla", verify: bool = True, allow_nonfinite: bool = False) -> Jamba:
     """Loads a Jamba checkpoint directory: an HF one (``config.json`` + safetensors, single or
     sharded) or one written by ``jamba convert`` (detected by its ``manifest.json``).
 
@@ -74,7 +74,8 @@ def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: s
 
     A converted checkpoint's leaves are always checked against its ``manifest.json`` and ``config.json``
     (shape and dtype, before anything is read); ``verify`` (default True) also checks each leaf's checksum
-    recorded at conversion (see ``docs/convert.md`` for its cost); ``verify=False`` skips that.
+    recorded at conversion (see ``docs/convert.md`` for its cost); ``verify=False`` skips that. An HF
+    tensor holding NaN or Inf is refused, naming it, unless ``allow_nonfinite``.
 
     ``quantize="experts-int8"`` stores every MoE expert and dense MLP weight as int8 with fp32 per-output-
     channel scales (``quant.quantize_params``); from an HF checkpoint each such leaf is quantized as soon as
@@ -105,7 +106,7 @@ def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: s
         place = lambda leaf_path, leaf: jax.device_put(leaf, placement[leaf_path])  # noqa: E731
     if quantize is not None:
         place = _quantizing(place)
-    params = load_hf_params(path, config, dtype, place=place)
+    params = load_hf_params(path, config, dtype, place=place, allow_nonfinite=allow_nonfinite)
     params = quantize_params(params, config, quantize)  # checks every feed-forward weight was quantized
     return Jamba(config, params, _load_tokenizer(path), checkpoint_dir=path, quantize=quantize, **kept)
 

@@ -161,7 +161,8 @@ def test_non_finite_weights_are_refused_by_name(sharded_checkpoint):
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(jamba_jax.CheckpointError, match=f"tensor '{key}' holds 2 NaN/Inf value"):
         jamba_jax.load(sharded_checkpoint)
-    from jamba_jax.convert.hf_checkpoint import load_hf_params
-
-    params = load_hf_params(sharded_checkpoint, JambaConfig.named(sharded_checkpoint), allow_nonfinite=True)
-    assert np.isnan(np.asarray(params["blocks"]["layer_0"]["mamba"]["A_log"])).sum() == 1
+    out = sharded_checkpoint.parent / "converted"
+    assert main(["convert", str(sharded_checkpoint), str(out)]) == 2 and not out.exists()
+    model = jamba_jax.load(sharded_checkpoint, allow_nonfinite=True)
+    assert np.isnan(np.asarray(model.params["blocks"]["layer_0"]["mamba"]["A_log"])).sum() == 1
+    assert main(["convert", str(sharded_checkpoint), str(out), "--allow-nonfinite"]) == 0 and out.is_dir()
