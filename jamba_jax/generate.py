@@ -21,8 +21,8 @@ import numpy as np
 from .api import Jamba, mesh_context
 from .attention import KEY_BLOCK
 from .sampling import sample
-from .steps import (DEFAULT_CHUNK, ModelSpec, apply_step, available_bytes, cache_device_bytes, decode_step,
-                    init_cache, prefill, prefill_pieces)
+from .steps import (ModelSpec, apply_step, available_bytes, cache_device_bytes, decode_step, default_chunk,
+                    init_cache, model_platform, prefill, prefill_pieces)
 
 MIN_BUCKET = 16
 
@@ -110,19 +110,22 @@ def _pow2_bucket(n: int, chunk: int) -> int:
     return min(chunk, max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()))
 
 
-def bucket_length(n: int, chunk: int = DEFAULT_CHUNK) -> int:
+def bucket_length(n: int, chunk: int | None = None) -> int:
     """Padded prompt length: whole chunks for all but the last ``n % chunk`` tokens, which get the next
     power of two (at least 16). Prefill pieces then come from a fixed small set of shapes, so a new prompt
-    length rarely means a new compile, and padding stays below half the last piece."""
+    length rarely means a new compile, and padding stays below half the last piece. ``chunk``: default
+    ``steps.default_chunk()`` (256 on CPU)."""
+    chunk = default_chunk() if chunk is None else chunk
     full, rest = divmod(n, chunk)
     return full * chunk + (_pow2_bucket(rest, chunk) if rest or not full else 0)
 
 
-def prefill_layout(prompt_len: int, max_new_tokens: int, chunk: int = DEFAULT_CHUNK):
+def prefill_layout(prompt_len: int, max_new_tokens: int, chunk: int | None = None):
     """What ``generate`` runs for a batch whose longest prompt has ``prompt_len`` tokens: the padded length
     (``bucket_length``), the cache length (room for the new tokens, rounded up to whole key blocks of the
     attention, so it rarely changes and attention never pads, i.e. copies, K/V) and the lengths of the
-    prefill pieces in order (``steps.prefill_pieces``)."""
+    prefill pieces in order (``steps.prefill_pieces``). ``chunk``: default ``steps.default_chunk()``."""
+    chunk = default_chunk() if chunk is None else chunk
     length = bucket_length(prompt_len, chunk)
     max_len = -(-(length + max_new_tokens) // KEY_BLOCK) * KEY_BLOCK
     return length, max_len, prefill_pieces(length, chunk)
@@ -268,7 +271,7 @@ def chat(model: Jamba, messages: Sequence[dict], **kwargs):
 def generate(model: Jamba, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop: Sequence[str] | None = None, stop_ids: Sequence[int] | None = None,
-             chunk_size: int = DEFAULT_CHUNK, stream: bool = False):
+             chunk_size: int | None = None, stream: bool = False):
     """Generates up to ``max_new_tokens`` tokens for each prompt.
 
     ``prompts``: a string, a list of strings (needs the model's tokenizer), or a list of token-id lists
@@ -276,11 +279,17 @@ def generate(model: Jamba, prompts, *, max_new_tokens: int = 64, temperature: fl
     with optional top-k / top-p, reproducibly for a given ``seed``. A row stops at an EOS id
     (``stop_ids``, default the config's) or, with a tokenizer, before the first of the ``stop`` strings.
 
+    ``chunk_size``: prefill tokens per compiled step, default ``steps.default_chunk`` of the model's
+    platform (256 on CPU, ``steps.GPU_CHUNK`` on GPU); the padded prompt is whole chunks plus a
+    power-of-two piece (``bucket_length``).
+
     Returns a ``GenerationResult``; with ``stream=True``, an iterator of ``[batch]`` lists of new token
     ids (``None`` for rows that have stopped), one per step, whose ``StopIteration`` value is the result.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if chunk_size is None:
+        chunk_size = default_chunk(model_platform(model))
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     if stop and model.tokenizer is None:

@@ -35,7 +35,25 @@ from .kernels import Kernels
 from .model import JambaLM
 from .sharding import cache_shardings
 
-DEFAULT_CHUNK = 256  # prefill tokens per compiled step: activation memory is bounded by the chunk
+DEFAULT_CHUNK = 256  # prefill tokens per compiled step on CPU: activation memory is bounded by the chunk
+# With 256-token chunks the H200 prefilled at ~5-12% of its bf16 matmul rate (docs/results/generate_h200.json).
+# 2048 is a starting value, not a measurement: the GPU chunk sweep (benchmarks/gpu_prefill.py,
+# "chunk_sweep") is to measure and tune it.
+GPU_CHUNK = 2048
+BACKEND_CHUNKS = {"cpu": DEFAULT_CHUNK, "gpu": GPU_CHUNK}
+
+
+def default_chunk(platform: str | None = None) -> int:
+    """The prefill chunk (tokens per compiled step) for ``platform`` (``"cpu"``, ``"gpu"``, ...; default
+    ``jax.default_backend()``): ``DEFAULT_CHUNK`` (256) on CPU and any backend not in ``BACKEND_CHUNKS``,
+    ``GPU_CHUNK`` on GPU. Used by ``prefill`` and ``generate`` when no ``chunk_size`` is given; the
+    chunk bounds activation memory and, through ``generate``'s buckets, sets the compiled shapes."""
+    return BACKEND_CHUNKS.get(platform or jax.default_backend(), DEFAULT_CHUNK)
+
+
+def model_platform(model: Jamba) -> str:
+    """The platform of the devices ``model`` runs on (its mesh's, else the default backend)."""
+    return next(iter(model.mesh.devices.flat)).platform if model.mesh is not None else jax.default_backend()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,17 +175,19 @@ def _check_ids(ids, cache, what: str) -> None:
                          f"{slots} slots; make a larger cache with init_cache")
 
 
-def prefill_pieces(length: int, chunk: int = DEFAULT_CHUNK) -> tuple[int, ...]:
+def prefill_pieces(length: int, chunk: int | None = None) -> tuple[int, ...]:
     """The piece lengths ``prefill`` runs for ``length`` tokens, in order: the remainder first (with left
-    padding, that is where the padding lives), then whole chunks."""
+    padding, that is where the padding lives), then whole chunks (``chunk``: default ``default_chunk()``)."""
+    chunk = default_chunk() if chunk is None else chunk
     full, rest = divmod(length, chunk)
     return (rest,) * bool(rest) + (chunk,) * full
 
 
-def prefill(model: Jamba, ids, cache: dict, attention_mask=None, *, chunk_size: int = DEFAULT_CHUNK):
+def prefill(model: Jamba, ids, cache: dict, attention_mask=None, *, chunk_size: int | None = None):
     """Runs ``ids [batch, seq]`` (left-padded; ``attention_mask [batch, seq]``, 1 = token, None = all
-    tokens) through the model into ``cache`` in pieces of at most ``chunk_size`` tokens (``prefill_pieces``),
-    so activation memory is bounded by the chunk, not the prompt. Returns ``(logits [batch, vocab]`` of each
+    tokens) through the model into ``cache`` in pieces of at most ``chunk_size`` tokens (``prefill_pieces``;
+    default ``default_chunk`` of the model's platform: 256 on CPU, larger on GPU), so activation memory is
+    bounded by the chunk, not the prompt. Returns ``(logits [batch, vocab]`` of each
     row's last position in the model's dtype, ``new cache)``."""
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -175,6 +195,8 @@ def prefill(model: Jamba, ids, cache: dict, attention_mask=None, *, chunk_size: 
     valid = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if valid.shape != ids.shape:
         raise ValueError(f"prefill: attention_mask shape {valid.shape} != ids shape {ids.shape}")
+    if chunk_size is None:
+        chunk_size = default_chunk(model_platform(model))
     if chunk_size < 1:
         raise ValueError(f"prefill: chunk_size must be >= 1, got {chunk_size}")
     _check_ids(ids, cache, "prefill")

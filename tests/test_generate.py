@@ -197,3 +197,42 @@ def test_bad_prompts():
         generate(model, [[1], []])
     with pytest.raises(ValueError, match="token id 9999 outside the vocabulary"):
         generate(model, [[1, 9999]])
+
+
+def test_default_chunk_per_backend():
+    """CPU keeps the 256-token chunk (``jamba bench``'s shapes); a GPU gets the larger ``GPU_CHUNK``."""
+    from jamba_jax import steps
+
+    assert jax.default_backend() == "cpu" and steps.default_chunk() == 256 == steps.DEFAULT_CHUNK
+    assert steps.default_chunk("cpu") == 256 and steps.default_chunk("gpu") == steps.GPU_CHUNK == 2048
+    assert steps.default_chunk("some-other-backend") == 256
+    model = random_model(TINY)
+    assert steps.model_platform(model) == "cpu" and steps.default_chunk(steps.model_platform(model)) == 256
+    for n in (1, 37, 256, 300, 1000):
+        assert bucket_length(n) == bucket_length(n, 256)
+        assert prefill_layout(n, 8) == prefill_layout(n, 8, 256)
+        assert steps.prefill_pieces(n) == steps.prefill_pieces(n, 256)
+    # 2500 tokens with a GPU chunk: one 512-token piece (452 tokens + padding), then one whole chunk.
+    assert prefill_layout(2500, 8, 2048)[::2] == (2560, (512, 2048))
+
+
+def test_gpu_sized_chunk_prefill_equals_one_shot():
+    """A 2048-token chunk (the GPU default) on a ragged batch of ~2500-token prompts: the chunked prefill's
+    last-position logits equal a one-piece prefill's, and greedy generation gives the same tokens."""
+    model = random_model(TAIL)
+    rng = np.random.default_rng(3)
+    lengths = (2500, 1703)
+    prompts = [rng.integers(3, TAIL.vocab_size, n).tolist() for n in lengths]
+    width = max(lengths)
+    ids = np.zeros((2, width), np.int32)
+    mask = np.zeros((2, width), bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, True
+    max_len = 3072
+    chunked, cache = jamba_jax.prefill(model, ids, jamba_jax.init_cache(model, 2, max_len), mask, chunk_size=2048)
+    assert int(cache["pos"]) == width
+    one_shot, _ = jamba_jax.prefill(model, ids, jamba_jax.init_cache(model, 2, max_len), mask, chunk_size=width)
+    assert rel_err(chunked, one_shot) < 1e-5
+    greedy = generate(model, prompts, max_new_tokens=4, chunk_size=2048, stop_ids=[])
+    assert greedy.tokens == generate(model, prompts, max_new_tokens=4, chunk_size=4096, stop_ids=[]).tokens
+    assert [t[0] for t in greedy.tokens] == np.argmax(np.asarray(one_shot), -1).tolist()
