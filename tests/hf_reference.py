@@ -28,6 +28,13 @@ HF_CONFIGS = {
 }
 
 
+# The smallest checkpoint with every kind of tensor (attention, Mamba, MoE and a dense MLP; a scanned block
+# and a tail), for tests of checkpoint files rather than numerics.
+SMALL_CHECKPOINT = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                        num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
+                        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4)
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -13,14 +13,12 @@ import pytest
 from flax import traverse_util
 
 import jamba_jax
-from hf_reference import make_checkpoint
+from hf_reference import SMALL_CHECKPOINT, make_checkpoint
 from jamba_jax import CheckpointError
 from jamba_jax.cli import main
 from jamba_jax.quant import QuantizedWeight
 
-CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
-              num_key_value_heads=1, num_experts=2, num_experts_per_tok=1, attn_layer_period=2,
-              attn_layer_offset=1, mamba_d_state=4)
+CONFIG = SMALL_CHECKPOINT
 
 
 @pytest.fixture(scope="module")

@@ -118,12 +118,9 @@ def _index(directory):
 
 @pytest.fixture()
 def sharded_checkpoint(tmp_path):
-    from hf_reference import make_checkpoint
+    from hf_reference import SMALL_CHECKPOINT, make_checkpoint
 
-    make_checkpoint(tmp_path, seed=0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
-                    attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
-                    mamba_d_state=4, max_shard_size="20KB")
+    make_checkpoint(tmp_path, seed=0, max_shard_size="20KB", **SMALL_CHECKPOINT)
     assert _index(tmp_path).is_file()
     return tmp_path
 
