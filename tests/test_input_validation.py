@@ -163,3 +163,64 @@ def test_non_finite_weights_are_refused_by_name(sharded_checkpoint):
     model = jamba_jax.load(sharded_checkpoint, allow_nonfinite=True)
     assert np.isnan(np.asarray(model.params["blocks"]["layer_0"]["mamba"]["A_log"])).sum() == 1
     assert main(["convert", str(sharded_checkpoint), str(out), "--allow-nonfinite"]) == 0 and out.is_dir()
+
+
+def _mutate_header(file, rng):
+    """Rewrites the JSON header of a safetensors file with one entry's field replaced by a bad value; the
+    data section is left as it is (its offsets are relative to the header's end)."""
+    raw = file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    key = sorted(k for k in header if k != "__metadata__")[rng.integers(len(header) - 1)]
+    field = ["dtype", "shape", "data_offsets"][rng.integers(3)]
+    value = header[key][field]
+    choices = {"dtype": ["I8", "F64", "BOOL", "X", 3, None],
+               "shape": [[], [-1], [2**40, 2**40], [0], "abc", value[::-1] if isinstance(value, list) else []],
+               "data_offsets": [[0, 2**40], [5, 1], [-4, 8], "x", [0]]}[field]
+    header[key][field] = choices[rng.integers(len(choices))]
+    text = json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    return f"{file.name}:{key}.{field}={header[key][field]!r}"
+
+
+def _mutate_index(index, rng):
+    d = json.loads(index.read_text())
+    key = sorted(d["weight_map"])[rng.integers(len(d["weight_map"]))]
+    kind = rng.integers(4)
+    if kind == 0:
+        d["weight_map"][key] = ["../x.safetensors", "/tmp", "", "nope.safetensors", 5, None][rng.integers(6)]
+    elif kind == 1:
+        del d["weight_map"][key]
+    elif kind == 2:
+        d["weight_map"]["model.layers.99.bogus.weight"] = d["weight_map"][key]
+    else:
+        d = {"weight_map": [[], "x", None, {"a": 1}][rng.integers(4)]}
+    index.write_text(json.dumps(d))
+    return f"index:{kind}:{key}"
+
+
+def test_randomized_checkpoint_mutations_end_in_one_line(sharded_checkpoint, tmp_path_factory, capsys):
+    """Seeded mutations of safetensors headers and of the index: `jamba convert` either converts (the
+    mutation left a valid checkpoint) or exits 2 with one line, leaving nothing at or beside the
+    destination."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    shards = sorted(sharded_checkpoint.glob("*.safetensors"))
+    refused = 0
+    for case in range(120):
+        work = tmp_path_factory.mktemp(f"case{case}")
+        src = work / "hf"
+        shutil.copytree(sharded_checkpoint, src)
+        if rng.random() < 0.5:
+            what = _mutate_header(src / shards[rng.integers(len(shards))].name, rng)
+        else:
+            what = _mutate_index(_index(src), rng)
+        code, err = run_cli(capsys, "convert", str(src), str(work / "out"))
+        assert code in (0, 2), (what, err)
+        if code == 2:
+            refused += 1
+            assert len(err) == 1 and err[0].startswith("jamba convert: error: "), (what, err)
+            assert sorted(p.name for p in work.iterdir()) == ["hf"], (what, list(work.iterdir()))
+        shutil.rmtree(work)
+    assert refused >= 100
