@@ -8,6 +8,7 @@ as installed packages (``pip install -e .``; on a GPU machine ``PYTHONPATH=$PWD`
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -30,6 +31,16 @@ START = time.perf_counter()  # the scripts import this module first: times count
 
 
 # ---- logging ---------------------------------------------------------------------------------------
+
+def script_parser(doc: str, *, out: str | None, budget_s: float, dry_run: str) -> argparse.ArgumentParser:
+    """The options the GPU scripts share: ``--out`` (required when ``out`` is None), ``--dry-run`` (what it
+    does: ``dry_run``) and ``--budget-s`` (no new run starts past it)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=out is None, default=out)
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
+    p.add_argument("--budget-s", type=float, default=budget_s, help="seconds; no new run starts past it")
+    return p
+
 
 def elapsed() -> float:
     """Seconds since the script started."""

@@ -22,30 +22,18 @@ A time budget (``--budget-s``, seconds since the start) skips the remaining conf
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import int8_ragged_dot_pallas, int8_ragged_dot_reference, quantize_int8
+from pallas_kernels.int8_ragged_dot import (int8_ragged_dot_float64, int8_ragged_dot_pallas, int8_ragged_dot_reference,
+                                            quantize_int8)
 
-from common import Report, environment, log, short_error, time_call
+from common import Report, environment, log, script_parser, short_error, time_call
 
 DESIGNS = (("group", False), ("group", True), ("item", False), ("tile", False))  # (design, swap_ab)
-
-
-def np_reference(lhs, q, s, gs):
-    """The grouped matmul in float64 numpy: rows of group ``e`` times dequantized expert ``e``."""
-    lhs = np.asarray(jnp.asarray(lhs, jnp.float32), np.float64)
-    w = np.asarray(q, np.float64) * np.asarray(s, np.float64)[:, None, :]
-    out = np.zeros((lhs.shape[0], w.shape[2]))
-    start = 0
-    for e, g in enumerate(np.asarray(gs)):
-        out[start:start + g] = lhs[start:start + g] @ w[e]
-        start += g
-    return out
 
 
 def correctness(interpret: bool) -> dict:
@@ -58,7 +46,7 @@ def correctness(interpret: bool) -> dict:
     q, s = quantize_int8(w)
     lhs32 = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     for dname, lhs in (("bf16", lhs32.astype(jnp.bfloat16)), ("f32", lhs32)):
-        exact = np_reference(lhs, q, s, gs)
+        exact = int8_ragged_dot_float64(lhs, q, s, gs)
         denom = np.abs(exact).max()
         try:
             with jax.default_matmul_precision("highest"):
@@ -153,10 +141,8 @@ def print_summary(data: dict, out: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="int8_ragged_dot.json")
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, Pallas interpret mode (CPU)")
-    ap.add_argument("--budget-s", type=float, default=200.0, help="stop starting new timings after this many seconds")
+    ap = script_parser(__doc__, out="int8_ragged_dot.json", budget_s=200.0,
+                       dry_run="tiny shapes, Pallas interpret mode (CPU)")
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
     interpret = args.dry_run

@@ -25,7 +25,6 @@ each bf16 leaf freed as its int8 copy is made (the whole bf16 tree plus the int8
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -43,7 +42,7 @@ from jamba_jax.mamba import Mamba
 from jamba_jax.moe import MLP, MoE
 from jamba_jax import quant
 
-from common import Report, environment, log, random_params, time_call
+from common import Report, environment, log, random_params, script_parser, time_call
 
 FULL = {"config": "jamba-1.5-mini", "layers": 32, "prompts": (1024, 4096, 16384, 65536), "matmul_n": 8192,
         "sweep": (512, 1024, 2048, 4096, 8192), "sweep_prompt": 16384, "long": 262144, "decode_steps": 32}
@@ -148,11 +147,8 @@ def kind_row(name, chunk, seconds, flops, rate_tflops) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--budget-s", type=float, default=450.0, help="seconds; what would overrun is skipped")
+    p = script_parser(__doc__, out=None, budget_s=450.0, dry_run="CPU: jamba-tiny, tiny lengths, the whole flow")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: steps.default_chunk())")
-    p.add_argument("--dry-run", action="store_true", help="CPU: jamba-tiny, tiny lengths, the whole flow")
     args = p.parse_args()
     plan = {**FULL, **(DRY if args.dry_run else {})}
     chunk = args.chunk or plan.get("chunk") or steps.default_chunk()

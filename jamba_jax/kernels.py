@@ -9,11 +9,13 @@ training loss. Every field names the implementation of one computation:
 - ``attention``: the attention over the cache (``attention.ATTENTION_IMPLS``): ``"xla"``, ``"pallas"``,
   ``"pallas-interpret"``.
 - ``moe_int8``: the grouped matmul of ExpertsInt8 weights (``quant.MOE_INT8_IMPLS``): ``"xla"``,
-  ``"pallas"``, ``"pallas-interpret"``. Float expert weights always take XLA's grouped matmul, chosen by
-  the backend (``moe.grouped_matmul``).
+  ``"pallas"``, ``"pallas-interpret"``, ``"mosaic"``, ``"mosaic-interpret"`` (the Mosaic GPU kernel, TMA +
+  wgmma; not a preset). Float expert weights always take XLA's grouped matmul, chosen by the backend
+  (``moe.grouped_matmul``).
 
 ``"pallas"`` runs the Pallas kernel on GPU and the XLA path on other backends; ``"pallas-interpret"`` runs
-the kernel in Pallas's interpreter on any backend (slow; for tests).
+the kernel in Pallas's interpreter on any backend (slow; for tests). ``"mosaic"`` / ``"mosaic-interpret"``
+do the same with the Mosaic GPU kernel (its interpreter: Pallas's GPU interpret mode).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def dot(x: jax.Array, kernel) -> jax.Array:
     return (y * kernel.scale).astype(x.dtype)
 
 
-MOE_INT8_IMPLS = ("xla", "pallas", "pallas-interpret")
+MOE_INT8_IMPLS = ("xla", "pallas", "pallas-interpret", "mosaic", "mosaic-interpret")
 
 
 def pallas_config(rows: int, k: int, n: int) -> dict:
@@ -171,14 +171,22 @@ def int8_ragged_dot(lhs: jax.Array, w: QuantizedWeight, group_sizes: jax.Array, 
     scale applied per row's expert and output column).
 
     ``impl``: ``"xla"`` (``jax.lax.ragged_dot`` on the weights cast to ``lhs.dtype``), ``"pallas"`` (the
-    Pallas kernel with ``pallas_config`` on GPU; the XLA path on other backends) or ``"pallas-interpret"``
-    (the kernel in the Pallas interpreter, any backend; slow, for tests)."""
+    Pallas Triton kernel with ``pallas_config`` on GPU; the XLA path on other backends),
+    ``"pallas-interpret"`` (that kernel in the Pallas interpreter, any backend; slow, for tests),
+    ``"mosaic"`` (the Mosaic GPU kernel ``pallas_kernels.int8_ragged_dot_mgpu``, TMA + wgmma, with its
+    ``mosaic_config``, on GPU; the XLA path on other backends) or ``"mosaic-interpret"`` (that kernel in
+    Pallas's GPU interpret mode, any backend; slow, for tests)."""
     if impl not in MOE_INT8_IMPLS:
         raise ValueError(f"unknown Kernels.moe_int8 {impl!r}; expected one of {', '.join(map(repr, MOE_INT8_IMPLS))}")
     from pallas_kernels import int8_ragged_dot as kernels  # imported at trace time only
 
-    if impl == "xla" or (impl == "pallas" and jax.default_backend() != "gpu"):
+    if impl == "xla" or (impl in ("pallas", "mosaic") and jax.default_backend() != "gpu"):
         return kernels.int8_ragged_dot_reference(lhs, w.q, w.scale, group_sizes, preferred_element_type=lhs.dtype)
+    if impl in ("mosaic", "mosaic-interpret"):
+        from pallas_kernels.int8_ragged_dot_mgpu import int8_ragged_dot_mgpu
+
+        return int8_ragged_dot_mgpu(lhs, w.q, w.scale, group_sizes, preferred_element_type=lhs.dtype,
+                                    interpret=impl == "mosaic-interpret")
     config = pallas_config(lhs.shape[0], *w.q.shape[1:])
     return kernels.int8_ragged_dot_pallas(lhs, w.q, w.scale, group_sizes, preferred_element_type=lhs.dtype,
                                           interpret=impl == "pallas-interpret", **config)

@@ -55,6 +55,7 @@ except Exception:  # pragma: no cover - very old / stripped jax builds
 __all__ = [
     "quantize_int8",
     "int8_ragged_dot_reference",
+    "int8_ragged_dot_float64",
     "int8_ragged_dot_pallas",
 ]
 
@@ -92,6 +93,21 @@ def _row_expert(group_sizes: jax.Array, m: int):
   valid = rows < ends[-1]
   expert = jnp.minimum(expert, group_sizes.shape[0] - 1)
   return expert, valid
+
+
+def int8_ragged_dot_float64(lhs, q, scale, group_sizes):
+  """The float64 numpy oracle of the grouped matmul (for tests and benchmarks): rows of group ``e`` times
+  the dequantized expert ``e``; rows past the groups are 0. Returns a float64 numpy array."""
+  import numpy as np
+
+  x = np.asarray(jnp.asarray(lhs, jnp.float32), np.float64)
+  w = np.asarray(q, np.float64) * np.asarray(scale, np.float64)[:, None, :]
+  out = np.zeros((x.shape[0], w.shape[2]))
+  start = 0
+  for e, g in enumerate(np.asarray(group_sizes)):
+    out[start:start + g] = x[start:start + g] @ w[e]
+    start += g
+  return out
 
 
 def int8_ragged_dot_reference(lhs, q, scale, group_sizes, *,
