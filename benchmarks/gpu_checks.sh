@@ -7,6 +7,7 @@
 #
 #   OUT=results_dir bash benchmarks/gpu_checks.sh                       # model scan-decode scan attention e2e
 #   OUT=results_dir bash benchmarks/gpu_checks.sh model bench           # chosen sections, in this order
+#   OUT=results_dir bash benchmarks/gpu_checks.sh mosaic                # or prefill: one section per call
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -55,5 +56,16 @@ fi
 if want bench; then
 section "serving benchmark (docs/benchmarks.md)"
 timeout 540 python3 benchmarks/gpu_bench.py --budget 450 --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -30
+fi
+if want mosaic; then
+section "Mosaic GPU int8 grouped matmul vs Triton and XLA (docs/experts_int8.md)"
+timeout 360 python3 benchmarks/gpu_mosaic.py --budget-s 300 --out "$OUT/gpu_mosaic.json" 2>&1 \
+    | tee "$OUT/gpu_mosaic.log" | tail -20
+fi
+
+if want prefill; then
+section "prefill MFU, chunk sweep and a 256K prompt (docs/generate.md)"
+timeout 540 python3 benchmarks/gpu_prefill.py --budget-s 450 --out "$OUT/gpu_prefill.json" 2>&1 \
+    | tee "$OUT/gpu_prefill.log" | tail -30
 fi
 section done
