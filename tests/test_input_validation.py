@@ -224,3 +224,18 @@ def test_randomized_checkpoint_mutations_end_in_one_line(sharded_checkpoint, tmp
             assert sorted(p.name for p in work.iterdir()) == ["hf"], (what, list(work.iterdir()))
         shutil.rmtree(work)
     assert refused >= 100
+
+
+def test_huge_generation_is_refused_under_a_memory_cap():
+    """`jamba generate` asked for a trillion tokens, in a process capped at 6 GiB of address space: one line
+    and exit 2, not an out-of-memory crash (the cache is sized before anything is allocated)."""
+    import subprocess
+    import sys
+
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+              "from jamba_jax.cli import main; sys.exit(main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", script, "generate", "--prompt", "x", "--max-new-tokens",
+                          str(10**12)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the largest max_new_tokens whose cache fits is" in lines[0], lines
