@@ -18,10 +18,14 @@ CONFIG = SMALL_CHECKPOINT
 
 # `jamba convert SRC DST` that, after writing its third leaf, writes READY and waits for GO to exist.
 PAUSING_CONVERT = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
     from jamba_jax.cli import main
     from jamba_jax.convert import orbax_checkpoint
+
+    # A process started in the background by a non-interactive shell (as a CI runner may start the suite)
+    # inherits SIGINT ignored; give this one Ctrl-C's default, as a terminal would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     src, dst, ready, go = sys.argv[1:]
     write, count = orbax_checkpoint.LeafWriter.write, [0]
@@ -69,7 +73,12 @@ class Paused:
         return self.finish()
 
     def finish(self):
-        _, err = self.proc.communicate(timeout=120)
+        try:
+            _, err = self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # never leave a paused conversion behind
+            self.proc.communicate()
+            raise
         return self.proc.returncode, err
 
 
