@@ -35,11 +35,6 @@ def fake_cpu_devices(n: int) -> None:
                          f"XLA_FLAGS={_COUNT_FLAG}={n} before starting")
 
 
-def _shard_bytes(sds) -> int:
-    shape = sds.sharding.shard_shape(sds.shape) if sds.sharding is not None else sds.shape
-    return int(np.prod(shape, dtype=np.int64)) * jnp.dtype(sds.dtype).itemsize
-
-
 def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
@@ -58,10 +53,10 @@ def memory_plan(config, mesh, *, context: int, batch: int = 1, dtype="bfloat16",
     (``chunk`` tokens, default ``generate``'s) and of the decode step (``prefill_temp``, ``decode_temp``,
     from the fp32 proxy described in the module docstring), and ``peak``, their sum with the larger
     scratch."""
-    from .cache import cache_shapes
+    from .cache import KV_CACHE, MAMBA_STATE, cache_entry, cache_shapes
     from .params import abstract_params
     from .quant import check_quantize, quantize_params
-    from .sharding import cache_shardings, param_shardings
+    from .sharding import cache_shardings, param_shardings, shard_bytes
     from .steps import DEFAULT_CHUNK, ModelSpec, decode_logits, prefill_chunk
 
     check_quantize(quantize)
@@ -78,10 +73,13 @@ def memory_plan(config, mesh, *, context: int, batch: int = 1, dtype="bfloat16",
         return _abstract(cache, cache_shardings(mesh, cache))
 
     params, cache = sharded_params(dtype), sharded_cache(dtype)
-    flat_cache = traverse_util.flatten_dict(cache, sep="/")
-    kv = sum(_shard_bytes(a) for k, a in flat_cache.items() if k.endswith(("key", "value")))
-    state = sum(_shard_bytes(a) for k, a in flat_cache.items() if k.endswith(("conv", "ssm")))
-    param_bytes = sum(_shard_bytes(a) for a in jax.tree.leaves(params))
+    flat_cache = traverse_util.flatten_dict(cache)
+
+    def cache_kind_bytes(kind):  # by the cache table's kind of each leaf
+        return sum(shard_bytes(a) for path, a in flat_cache.items() if cache_entry(path).kind == kind)
+
+    kv, state = cache_kind_bytes(KV_CACHE), cache_kind_bytes(MAMBA_STATE)
+    param_bytes = sum(shard_bytes(a) for a in jax.tree.leaves(params))
 
     proxy_params, proxy_cache = sharded_params(jnp.float32), sharded_cache(jnp.float32)
     spec = ModelSpec(config, np.dtype(jnp.float32))

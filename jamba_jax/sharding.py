@@ -131,6 +131,14 @@ def cache_shardings(mesh: Mesh, cache: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, cache)
 
 
+def shard_bytes(sds) -> int:
+    """Bytes of one device's shard of ``sds`` (a ``jax.ShapeDtypeStruct`` or array; the whole of it when it
+    carries no sharding)."""
+    sharding = getattr(sds, "sharding", None)
+    shape = sharding.shard_shape(sds.shape) if sharding is not None else sds.shape
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(sds.dtype).itemsize
+
+
 def active_mesh():
     """The mesh set by ``jax.set_mesh`` (an abstract mesh inside ``jit``), or None when there is none."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -168,4 +176,4 @@ def per_shard(fn, in_logical, out_logical, *args):
 
 
 __all__ = ["per_shard", "MESH_AXES", "RULES", "make_mesh", "spec_for", "param_shardings",
-           "param_sharding_fn", "cache_shardings", "active_mesh", "constrain"]
+           "param_sharding_fn", "cache_shardings", "shard_bytes", "active_mesh", "constrain"]

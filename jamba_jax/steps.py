@@ -33,7 +33,7 @@ from .cache import cache_shapes, init_cache_arrays
 from .config import JambaConfig
 from .kernels import Kernels
 from .model import JambaLM
-from .sharding import cache_shardings
+from .sharding import cache_shardings, shard_bytes
 
 DEFAULT_CHUNK = 256  # prefill tokens per compiled step on CPU: activation memory is bounded by the chunk
 # With 256-token chunks the H200 prefilled at ~5-12% of its bf16 matmul rate (docs/results/generate_h200.json).
@@ -133,11 +133,10 @@ def available_bytes(model: Jamba) -> int | None:
 def cache_device_bytes(model: Jamba, batch_size: int, max_length: int) -> int:
     """Bytes of the cache ``init_cache`` makes, on the device holding the most of it."""
     shapes = cache_shapes(model.config, batch_size, max_length, model.dtype)
-    if model.mesh is None:
-        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
-    shardings = cache_shardings(model.mesh, shapes)
-    return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
-               for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+    if model.mesh is not None:
+        shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                              cache_shardings(model.mesh, shapes))
+    return sum(shard_bytes(a) for a in jax.tree.leaves(shapes))
 
 
 def check_cache_fits(model: Jamba, batch_size: int, max_length: int, *, extra_bytes: int = 0) -> None:
