@@ -78,14 +78,23 @@ def exp2_nonpositive(w):
     ``w = n + f`` with ``n`` the nearest integer (``|f| <= 1/2``, exact), ``2^f`` by a degree-5 polynomial
     (a relative minimax fit, 9e-8 in exact arithmetic) and ``2^n`` built in the exponent bits. Fewer
     operations than ``exp_nonpositive``: the scan folds ``log2(e)`` into ``A`` once, so no ``ln 2``
-    reduction is needed per element (a CPU scan step is bound by the operation count of its exp)."""
+    reduction is needed per element (a CPU scan step is bound by the operation count of its exp).
+
+    Only adds, multiplies, an integer add and a shift: ``n`` comes from adding 1.5 * 2^23 (which rounds to
+    the nearest integer, ties to even, as ``jnp.round``) and ``2^n`` from the low bits of that sum, so no
+    rounding or float-to-int instruction is needed. On NVIDIA GPUs those run at the special-function
+    unit's rate (16 per clock per SM), not the FMA pipes' (128), and Pallas's Triton lowering has no
+    ``round``: this form lets a GPU kernel (``pallas_kernels.selective_scan_single_pass``) move
+    exponentials off the exp unit."""
     w = jnp.maximum(w.astype(_F32), -127.0)
-    n = jnp.round(w)
-    f = w - n
+    shifted = w + _ROUND_SHIFT  # an fp32 in [2^23, 2^24): its bits are those of _ROUND_SHIFT plus n
+    # f = w - n written as w + (-n): XLA folds (w + c) - c to w, but not c - (w + c).
+    f = w + (_ROUND_SHIFT - shifted)
     p = _EXP2_POLY[-1]
     for c in _EXP2_POLY[-2::-1]:
         p = p * f + c
-    return (1.0 + f * p) * _pow2(n)
+    two_n = (lax.bitcast_convert_type(shifted, jnp.int32) + (127 - _ROUND_SHIFT_BITS)) << 23
+    return (1.0 + f * p) * lax.bitcast_convert_type(two_n, _F32)
 
 
 def softplus_series(x):
@@ -105,6 +114,7 @@ def softplus_series(x):
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_ROUND_SHIFT, _ROUND_SHIFT_BITS = 12582912.0, 0x4B400000  # 1.5 * 2^23 and its fp32 bit pattern
 # 2^f - 1 = f * (c1 + c2 f + ... + c5 f^4) on [-1/2, 1/2], fitted for the least largest relative error.
 _EXP2_POLY = (0.6931469775962749, 0.2402224208182124, 0.055507337470971446, 0.009671512822016788,
               0.0013264726223517383)
@@ -178,6 +188,9 @@ def selective_scan_associative(
 # The Pallas kernel configuration that "pallas" uses for prefill (see docs/selective_scan.md for
 # the H200 measurements behind it).
 PALLAS_SCAN_CONFIG = dict(variant="segmented", block_d=32, chunk=4, segments=None, num_warps=1)
+# The single-pass kernel's configuration ("pallas-single"): a starting point, not yet measured on a GPU
+# (benchmarks/gpu_scan.py sweeps block_d and the polynomial share; docs/selective_scan.md).
+PALLAS_SINGLE_PASS_CONFIG = dict(block_d=8, chunk=8, poly_fraction=0.125, prefetch=True, num_warps=1)
 # A decode step (one position) uses the Pallas update up to this batch and the fused XLA update above
 # it (H200, Mini widths: the kernel takes 0.38x / 0.70x / 0.94x of XLA's time at batch 1 / 8 / 32, 1.85x at 128).
 PALLAS_UPDATE_MAX_BATCH = 32
@@ -197,8 +210,11 @@ def selective_scan_xla(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mas
     return selective_scan_associative(x, dt, A, B, C, D, z, dt_bias, initial_state=initial_state, mask=mask)
 
 
-def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, interpret=False):
-    """The Pallas kernel on GPU (or in interpret mode); off GPU, ``selective_scan_xla``. A single
+def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None, mask=None, interpret=False,
+                           single_pass=False):
+    """The Pallas kernel on GPU (or in interpret mode); off GPU, ``selective_scan_xla``. The kernel is the
+    two-pass ``selective_scan_pallas`` with ``PALLAS_SCAN_CONFIG``, or with ``single_pass`` the single-pass
+    ``selective_scan_single_pass`` with ``PALLAS_SINGLE_PASS_CONFIG``. A single
     position (a decode step) goes through the Pallas state update (batch <= ``PALLAS_UPDATE_MAX_BATCH``)
     or the fused XLA one.
     ``pallas_kernels`` is imported here, so the XLA impls never import Pallas. Under a mesh the kernel runs
@@ -226,6 +242,11 @@ def _selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, *, initial_state=None,
             else:
                 y, h = kernels.selective_state_update(*step, mask=step_mask)
             return y[:, None], h
+        if single_pass:
+            from pallas_kernels.selective_scan_single_pass import selective_scan_single_pass
+
+            return selective_scan_single_pass(x, dt, A, B, C, D, z, dt_bias, initial_state=h0, mask=mask,
+                                              interpret=interpret, **PALLAS_SINGLE_PASS_CONFIG)
         return kernels.selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, initial_state=h0, mask=mask,
                                              interpret=interpret, **PALLAS_SCAN_CONFIG)
 
@@ -240,6 +261,9 @@ SCAN_IMPLS = {
     "pallas": _selective_scan_pallas,
     # The Pallas kernel in interpret mode on any backend (slow; for tests).
     "pallas-interpret": functools.partial(_selective_scan_pallas, interpret=True),
+    # The single-pass Pallas kernel (exp2 split between the exp unit and a polynomial) on GPU; "xla" elsewhere.
+    "pallas-single": functools.partial(_selective_scan_pallas, single_pass=True),
+    "pallas-single-interpret": functools.partial(_selective_scan_pallas, interpret=True, single_pass=True),
 }
 
 
