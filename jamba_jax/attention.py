@@ -141,7 +141,18 @@ def split_k_attention(q, k, v, q_start, kv_valid, *, num_splits: int = 16):
     return _finish((m_all, (l * w).sum(0), (acc * w[..., None]).sum(0)), q.dtype)
 
 
-ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
+def _per_shard_kernel(kernel, q, k, v, q_start, kv_valid):
+    """``kernel(q, k, v, q_start, kv_valid)`` (a Pallas attention kernel) with ``kv_valid`` None made all-True
+    and ``q_start`` int32; under a mesh each device runs it on its kv heads (and batch rows)."""
+    q_axes, kv_axes = ("batch", "seq", "kv_heads", None, "head_dim"), ("batch", "kv_heads", "seq", "head_dim")
+    if kv_valid is None:
+        kv_valid = jnp.ones((k.shape[0], k.shape[2]), bool)
+    q_start = jnp.asarray(q_start, jnp.int32)
+    return per_shard(kernel, (q_axes, kv_axes, kv_axes, None, ("batch", "seq")), q_axes, q, k, v, q_start,
+                     kv_valid)
+
+
+ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret", "mosaic", "mosaic-interpret")
 
 
 def attend(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK, num_splits: int = 16, impl: str = "xla"):
@@ -153,23 +164,26 @@ def attend(q, k, v, q_start, kv_valid, *, block_k: int = KEY_BLOCK, num_splits: 
     None. Scores and softmax in fp32.
     Returns ``[batch, q_len, kv_heads, group, head_dim]`` in ``q.dtype``. One query (decode) uses the
     split-K path, longer blocks the blocked (flash-style) path. ``impl``: ``"xla"``, ``"pallas"`` (the
-    kernels of ``pallas_kernels.flash_attention`` on GPU, the XLA paths elsewhere) or
-    ``"pallas-interpret"`` (the kernels in interpret mode, for tests); ``block_k`` and ``num_splits``
-    tune the XLA paths only."""
+    kernels of ``pallas_kernels.flash_attention`` on GPU, the XLA paths elsewhere),
+    ``"pallas-interpret"`` (the kernels in interpret mode, for tests), ``"mosaic"`` (prefill chunks by the
+    Mosaic GPU flash kernel ``pallas_kernels.flash_attention_mgpu`` on GPU, the XLA paths elsewhere) or
+    ``"mosaic-interpret"`` (that kernel in Pallas's GPU interpret mode, any backend). Under both Mosaic
+    choices decode (``q_len == 1``) takes the XLA split-K path, not a Triton kernel. ``block_k`` and
+    ``num_splits`` tune the XLA paths only."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    mosaic = impl == "mosaic-interpret" or (impl == "mosaic" and jax.default_backend() == "gpu")
+    if mosaic and q.shape[1] > 1:
+        from pallas_kernels.flash_attention_mgpu import flash_attention_mgpu  # imported at trace time only
+
+        kernel = functools.partial(flash_attention_mgpu, interpret=impl == "mosaic-interpret")
+        return _per_shard_kernel(kernel, q, k, v, q_start, kv_valid)
     if impl == "pallas-interpret" or (impl == "pallas" and jax.default_backend() == "gpu"):
         from pallas_kernels import flash_attention as kernels  # imported at trace time only
 
         interpret = impl == "pallas-interpret"
         kernel = kernels.decode_attention_pallas if q.shape[1] == 1 else kernels.flash_attention_pallas
-        q_axes, kv_axes = ("batch", "seq", "kv_heads", None, "head_dim"), ("batch", "kv_heads", "seq", "head_dim")
-        if kv_valid is None:
-            kv_valid = jnp.ones((k.shape[0], k.shape[2]), bool)
-        q_start = jnp.asarray(q_start, jnp.int32)
-        # Under a mesh, each device runs the kernel on its kv heads (and batch rows).
-        return per_shard(functools.partial(kernel, interpret=interpret), (q_axes, kv_axes, kv_axes, None,
-                         ("batch", "seq")), q_axes, q, k, v, q_start, kv_valid)
+        return _per_shard_kernel(functools.partial(kernel, interpret=interpret), q, k, v, q_start, kv_valid)
     if q.shape[1] == 1:
         return split_k_attention(q, k, v, q_start, kv_valid, num_splits=num_splits)
     return blocked_attention(q, k, v, q_start, kv_valid, block_k=block_k)

@@ -5,13 +5,18 @@ and honoured everywhere the model runs: ``forward``, ``prefill``, ``decode_step`
 training loss. Every field names the implementation of one computation:
 
 - ``scan``: the Mamba selective scan (``scan.SCAN_IMPLS``): ``"xla"`` (the backend's best XLA scan),
-  ``"associative"``, ``"sequential"`` (the float32 oracle), ``"pallas"``, ``"pallas-interpret"``.
+  ``"associative"``, ``"sequential"`` (the float32 oracle), ``"pallas"``, ``"pallas-interpret"``,
+  ``"pallas-single"``, ``"pallas-single-interpret"`` (the single-pass kernel, its exp2s split with an FMA
+  polynomial; not a preset).
 - ``attention``: the attention over the cache (``attention.ATTENTION_IMPLS``): ``"xla"``, ``"pallas"``,
-  ``"pallas-interpret"``.
+  ``"pallas-interpret"``, ``"mosaic"``, ``"mosaic-interpret"`` (prefill chunks by the Mosaic GPU flash
+  kernel, TMA + wgmma; decode by XLA's split-K path; not a preset).
 - ``moe_int8``: the grouped matmul of ExpertsInt8 weights (``quant.MOE_INT8_IMPLS``): ``"xla"``,
   ``"pallas"``, ``"pallas-interpret"``, ``"mosaic"``, ``"mosaic-interpret"`` (the Mosaic GPU kernel, TMA +
   wgmma; not a preset). Float expert weights always take XLA's grouped matmul, chosen by the backend
-  (``moe.grouped_matmul``).
+  (``moe.grouped_matmul``). At decode sizes (at most ``experts`` (token, choice) rows) off CPU the MoE
+  reads only its routed experts (``moe``'s ``"slots"``): there ``"pallas"`` runs the expert-indexed kernel
+  of ``pallas_kernels/expert_slots.py`` for int8 weights, the other values XLA.
 
 ``"pallas"`` runs the Pallas kernel on GPU and the XLA path on other backends; ``"pallas-interpret"`` runs
 the kernel in Pallas's interpreter on any backend (slow; for tests). ``"mosaic"`` / ``"mosaic-interpret"``
