@@ -7,7 +7,7 @@
 #
 #   OUT=results_dir bash benchmarks/gpu_checks.sh                       # model scan-decode scan attention e2e
 #   OUT=results_dir bash benchmarks/gpu_checks.sh model bench           # chosen sections, in this order
-#   OUT=results_dir bash benchmarks/gpu_checks.sh mosaic                # or prefill: one section per call
+#   OUT=results_dir bash benchmarks/gpu_checks.sh mosaic                # or prefill, decode, scan-single, mesh-plan: one per call
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -58,14 +58,32 @@ section "serving benchmark (docs/benchmarks.md)"
 timeout 540 python3 benchmarks/gpu_bench.py --budget 450 --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -30
 fi
 if want mosaic; then
-section "Mosaic GPU int8 grouped matmul vs Triton and XLA (docs/experts_int8.md)"
-timeout 360 python3 benchmarks/gpu_mosaic.py --budget-s 300 --out "$OUT/gpu_mosaic.json" 2>&1 \
-    | tee "$OUT/gpu_mosaic.log" | tail -20
+section "Mosaic GPU int8 grouped matmul and flash prefill vs Triton, XLA, cuDNN (docs/experts_int8.md, docs/attention.md)"
+timeout 470 python3 benchmarks/gpu_mosaic.py --budget-s 400 --out "$OUT/gpu_mosaic.json" 2>&1 \
+    | tee "$OUT/gpu_mosaic.log" | tail -30
+fi
+
+if want scan-single; then
+section "single-pass selective scan, two-pass, XLA scans, decode update (docs/selective_scan.md)"
+timeout 470 python3 benchmarks/gpu_scan.py --budget-s 420 --out "$OUT/gpu_scan.json" 2>&1 \
+    | tee "$OUT/gpu_scan.log" | tail -30
+fi
+
+if want decode; then
+section "decode against the bandwidth floor, full Mini, batch 1-32, per-kind profile (docs/generate.md)"
+timeout 480 python3 benchmarks/gpu_decode.py --budget-s 420 --out "$OUT/gpu_decode.json" 2>&1 \
+    | tee "$OUT/gpu_decode.log" | tail -30
 fi
 
 if want prefill; then
 section "prefill MFU, chunk sweep and a 256K prompt (docs/generate.md)"
 timeout 540 python3 benchmarks/gpu_prefill.py --budget-s 450 --out "$OUT/gpu_prefill.json" 2>&1 \
     | tee "$OUT/gpu_prefill.log" | tail -30
+fi
+
+if want mesh-plan; then
+section "8-GPU memory plan and decode collectives, GPU compiler on a mocked topology (docs/sharding.md)"
+timeout 500 python3 benchmarks/gpu_mesh_plan.py --budget-s 420 --out "$OUT/gpu_memory_plan.json" 2>&1 \
+    | tee "$OUT/gpu_mesh_plan.log" | tail -30
 fi
 section done

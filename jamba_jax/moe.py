@@ -1,9 +1,10 @@
 """Feed-forward blocks: the dense SiLU-gated MLP and the top-k mixture of experts.
 
 The MoE is dropless: every (token, choice) pair goes through its expert, and the grouped matmul that does
-it is picked in one place, ``grouped_matmul()``, at trace time from ``jax.default_backend()``:
+it is picked in one place, ``grouped_matmul()``, at trace time from ``jax.default_backend()`` and the
+number of pairs:
 
-- ``"ragged_dot"`` (GPU, TPU): the pairs are sorted by expert and each projection is one
+- ``"ragged_dot"`` (GPU, TPU, above decode sizes): the pairs are sorted by expert and each projection is one
   ``jax.lax.ragged_dot`` over the experts' contiguous runs of rows. The GPU benchmarks measured this path.
 - ``"tiled"`` (CPU): XLA's CPU ``ragged_dot`` runs several times slower than a dense matmul of the same
   FLOPs, so the pairs are laid out expert by expert, each expert's run padded with zero rows to a multiple
@@ -19,11 +20,27 @@ it is picked in one place, ``grouped_matmul()``, at trace time from ``jax.defaul
   times the two against CPU ``ragged_dot``, which masks the rows and contracts over every expert at once
   (results in ``docs/generate.md``).
 
+- ``"slots"`` (decode sizes off CPU: at most ``experts`` (token, choice) rows): the distinct experts the
+  tokens were routed to, in at most ``min(rows, experts)`` static slots, each running its expert's FFN on
+  every token (``_slots_ffn``): a step reads only its routed experts' weights, where ``ragged_dot`` on GPU
+  streams all of them (docs/generate.md). A token routes to an expert at most once (top-k ids are
+  distinct), so a slot's products are the grouped path's for the tokens routed there; the other tokens'
+  are computed and weighted 0: free while the matmul is bound by reading the weight (2 FLOPs per token
+  and weight element read, at most 16 at decode sizes of 16 experts top-2, against a ridge point of
+  ~300 FLOPs a byte for bf16 on an H100/H200). Past ``experts`` rows every expert is likely routed, and
+  the grouped matmul reads each once without the slots' extra FLOPs. ``forced_decode_matmul`` switches
+  decode sizes to another path (benchmarks, tests).
+
 Int8 weights (``QuantizedWeight``): on the tiled path each piece dequantizes only its expert's matrices
 (``_expert_dot``), so the whole expert stack never exists in float; with ``impl="pallas-interpret"``, and
-on GPU, the sorted layout with ``quant.int8_ragged_dot``, whose ``impl`` picks its kernel."""
+on GPU, the sorted layout with ``quant.int8_ragged_dot``, whose ``impl`` picks its kernel. On the slots
+path ``quant.slot_matmul`` runs each slot's matmul, ``impl`` picking XLA or the Pallas kernel
+(``pallas_kernels.expert_slots``); ``"mosaic"`` keeps the sorted layout (its kernel loads nothing for
+experts without rows)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import flax.linen as nn
 import jax
@@ -33,7 +50,7 @@ from .config import JambaConfig
 from .layers import Dtype, Linear
 from .moe_parallel import sharded_experts_ffn
 from .params import normal_init
-from .quant import MOE_INT8_IMPLS, QuantizedWeight, int8_ragged_dot
+from .quant import MOE_INT8_IMPLS, QuantizedWeight, int8_ragged_dot, slot_matmul
 
 
 class MLP(nn.Module):
@@ -58,15 +75,52 @@ def route(router_logits: jnp.ndarray, top_k: int):
     return jax.lax.top_k(probs, top_k)
 
 
-GROUPED_MATMULS = ("ragged_dot", "tiled")
+GROUPED_MATMULS = ("ragged_dot", "tiled", "slots")
 MAX_ROW_TILE = 128
 ROW_QUANTUM = 16
 DOT_PIECE, MAX_DOT_PIECES = 128, 8
+_decode_override: list[str | None] = [None]  # set by ``forced_decode_matmul``
 
 
-def grouped_matmul() -> str:
-    """The float MoE's grouped matmul on the default backend: ``"tiled"`` on CPU, else ``"ragged_dot"``."""
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+def decode_sized(rows: int, num_experts: int) -> bool:
+    """Whether ``rows`` (token, choice) rows take the decode path (``"slots"``): at most ``num_experts``."""
+    return rows <= num_experts
+
+
+def grouped_matmul(rows: int | None = None, num_experts: int | None = None, int8_impl: str | None = None) -> str:
+    """The MoE's grouped matmul on the default backend for ``rows`` (token, choice) rows over ``num_experts``
+    experts (None: a prefill-sized input), with int8 weights multiplied by ``int8_impl`` (``Kernels.moe_int8``;
+    None for float weights): ``"tiled"`` on CPU, else ``"slots"`` at decode sizes (``decode_sized``) and
+    ``"ragged_dot"`` above. An interpreted kernel runs where it runs on GPU: ``"pallas-interpret"`` on the
+    slots at decode sizes, both interpreted kernels on the sorted layout above; ``"mosaic"`` keeps the
+    sorted layout at every size. Within ``forced_decode_matmul(name)``, decode sizes take ``name``."""
+    decode = rows is not None and decode_sized(rows, num_experts)
+    if decode and _decode_override[0] is not None:
+        return _decode_override[0]
+    mosaic = (int8_impl or "").startswith("mosaic")
+    if (int8_impl or "").endswith("-interpret"):
+        return "slots" if decode and not mosaic else "ragged_dot"
+    if jax.default_backend() == "cpu":
+        return "tiled"
+    return "slots" if decode and not mosaic else "ragged_dot"
+
+
+@contextlib.contextmanager
+def forced_decode_matmul(name: str):
+    """Within: every MoE input of decode size (``decode_sized``) runs the grouped matmul ``name`` (one of
+    ``GROUPED_MATMULS``) instead of the backend's choice; larger inputs are unchanged. For comparing the
+    decode paths in one process (benchmarks, tests). Compiled programs are dropped on entry and exit: the
+    jit caches do not see the switch."""
+    if name not in GROUPED_MATMULS:
+        raise ValueError(f"unknown grouped matmul {name!r}; expected one of {GROUPED_MATMULS}")
+    previous = _decode_override[0]
+    jax.clear_caches()
+    _decode_override[0] = name
+    try:
+        yield
+    finally:
+        _decode_override[0] = previous
+        jax.clear_caches()
 
 
 def row_tile(rows: int, num_experts: int) -> int:
@@ -84,17 +138,19 @@ def experts_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl: str
     ``[experts, hidden, inter]``; down_proj ``[experts, inter, hidden]``. Returns
     ``[tokens, hidden]`` in ``x.dtype``: ``sum_k weights[:, k] * down_e(silu(gate_e(x)) * up_e(x))``.
     Ids at or past the expert count contribute nothing. ``grouped`` (one of ``GROUPED_MATMULS``; default
-    ``grouped_matmul()``) picks the float grouped matmul.
-    A projection may be a ``QuantizedWeight`` (int8): then the ``ragged_dot`` layout, and ``impl`` ("xla",
-    "pallas", "pallas-interpret") picks its grouped matmul (see ``quant.int8_ragged_dot``).
+    ``grouped_matmul(rows, experts, ...)``) picks the grouped matmul.
+    A projection may be a ``QuantizedWeight`` (int8): ``impl`` (``Kernels.moe_int8``) then picks its matmul
+    (``quant.int8_ragged_dot`` on the sorted layout, ``quant.slot_matmul`` on the slots).
     """
-    grouped = grouped or grouped_matmul()
-    if grouped not in GROUPED_MATMULS:
-        raise ValueError(f"unknown grouped matmul {grouped!r}; expected one of {GROUPED_MATMULS}")
     if impl not in MOE_INT8_IMPLS:
         raise ValueError(f"unknown Kernels.moe_int8 {impl!r}; expected one of {', '.join(map(repr, MOE_INT8_IMPLS))}")
     projs = (gate_proj, up_proj, down_proj)
     quantized = any(isinstance(w, QuantizedWeight) for w in projs)
+    grouped = grouped or grouped_matmul(expert_ids.size, gate_proj.shape[0], impl if quantized else None)
+    if grouped not in GROUPED_MATMULS:
+        raise ValueError(f"unknown grouped matmul {grouped!r}; expected one of {GROUPED_MATMULS}")
+    if grouped == "slots":
+        return _slots_ffn(x, expert_ids, weights, *projs, impl)
     if grouped == "tiled" and not (quantized and impl.endswith("-interpret")):  # the kernel needs the sorted layout
         projs = tuple(w if isinstance(w, QuantizedWeight) else w.astype(x.dtype) for w in projs)
         out = (_rows_ffn if few_rows(expert_ids, gate_proj.shape[0]) else _tiled_ffn)(x, expert_ids, *projs)
@@ -121,6 +177,30 @@ def _sorted_ffn(x, expert_ids, gate_proj, up_proj, down_proj, impl):
     h = nn.silu(grouped(rows, gate_proj)) * grouped(rows, up_proj)
     out = grouped(h, down_proj)
     return jnp.zeros_like(out).at[order].set(out)
+
+
+def slot_experts(expert_ids, num_experts: int):
+    """``[min(rows, experts)]`` int32: the distinct experts ``expert_ids`` route to, ascending, then
+    ``num_experts`` (an unused slot) for the slots left over. Ids at or past ``num_experts`` are ignored."""
+    routed = jnp.zeros((num_experts,), bool).at[expert_ids.reshape(-1)].set(True, mode="drop")
+    slots = min(expert_ids.size, num_experts)
+    return jnp.nonzero(routed, size=slots, fill_value=num_experts)[0].astype(jnp.int32)
+
+
+def _slots_ffn(x, expert_ids, weights, gate_proj, up_proj, down_proj, impl):
+    """The ``"slots"`` path: ``[tokens, hidden]`` in ``x.dtype``, the weighted sum over each token's choices.
+
+    Slot ``s`` runs expert ``e_s``'s FFN on every token, ``[slots, tokens, hidden]``; token ``t`` takes it
+    with its routing weight for ``e_s`` (0 where it did not choose ``e_s``), summed in fp32. Each slot
+    reads one expert's three matrices (``quant.slot_matmul``); an unused slot reads nothing with the Pallas
+    kernel and a repeat of the last expert in XLA (none at one token: its top-k experts are distinct)."""
+    num_experts = gate_proj.shape[0]
+    slot_expert = slot_experts(expert_ids, num_experts)  # [slots]
+    chose = (expert_ids[..., None] == slot_expert) & (expert_ids < num_experts)[..., None]  # [tokens, k, slots]
+    coef = jnp.sum(jnp.where(chose, weights[..., None].astype(jnp.float32), 0.0), axis=1)  # [tokens, slots]
+    h = nn.silu(slot_matmul(x, gate_proj, slot_expert, impl)) * slot_matmul(x, up_proj, slot_expert, impl)
+    y = slot_matmul(h, down_proj, slot_expert, impl)  # [slots, tokens, hidden]
+    return jnp.einsum("ts,sth->th", coef, y.astype(jnp.float32)).astype(x.dtype)
 
 
 def _split_dot(a, w):
@@ -248,12 +328,14 @@ class MoE(nn.Module):
         flat = x.reshape(-1, H)
         logits = Linear(E, dtype=self.dtype, name="router")(flat)
         self.sow("intermediates", "router_logits", logits)  # [tokens, experts], for the aux loss
-        weights, expert_ids = route(logits, cfg.num_experts_per_tok)
+        with jax.named_scope("router"):  # named scopes: profiles and HLO metadata tell the parts apart
+            weights, expert_ids = route(logits, cfg.num_experts_per_tok)
         experts = Experts(E, H, inter, self.dtype, name="experts")
         args = (flat, expert_ids, weights.astype(self.dtype), *experts(), self.moe_impl)
-        out = sharded_experts_ffn(*args, experts_ffn)  # on a mesh: expert- and tensor-parallel
-        if out is None:
-            out = experts_ffn(*args)
+        with jax.named_scope("experts"):
+            out = sharded_experts_ffn(*args, experts_ffn)  # on a mesh: expert- and tensor-parallel
+            if out is None:
+                out = experts_ffn(*args)
         return out.reshape(x.shape)
 
 

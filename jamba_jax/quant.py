@@ -190,3 +190,24 @@ def int8_ragged_dot(lhs: jax.Array, w: QuantizedWeight, group_sizes: jax.Array, 
     config = pallas_config(lhs.shape[0], *w.q.shape[1:])
     return kernels.int8_ragged_dot_pallas(lhs, w.q, w.scale, group_sizes, preferred_element_type=lhs.dtype,
                                           interpret=impl == "pallas-interpret", **config)
+
+
+def slot_matmul(lhs: jax.Array, w, slot_expert: jax.Array, impl: str = "xla") -> jax.Array:
+    """The MoE's decode-sized matmul (``moe``'s ``"slots"`` path): ``out[s] = lhs(s) @ w[slot_expert[s]]``
+    in ``lhs.dtype``, fp32 accumulation. ``lhs [rows, in]`` (shared by every slot) or ``[slots, rows, in]``;
+    ``w`` ``[experts, in, out]``, float or a ``QuantizedWeight`` (its scale applied per output column);
+    ``slot_expert [slots]`` int32, ids at or past ``experts`` mark unused slots (output 0) -> ``[slots,
+    rows, out]``. Only the slots' experts are read.
+
+    ``impl`` (``Kernels.moe_int8``) for int8 ``w``: ``"pallas"`` runs ``pallas_kernels.expert_slots`` on GPU,
+    ``"pallas-interpret"`` that kernel in the Pallas interpreter (any backend); otherwise, and for float
+    ``w``, XLA: one ``dot`` per slot on the expert's dynamic slice of the stack."""
+    if impl not in MOE_INT8_IMPLS:
+        raise ValueError(f"unknown Kernels.moe_int8 {impl!r}; expected one of {', '.join(map(repr, MOE_INT8_IMPLS))}")
+    from pallas_kernels import expert_slots  # imported at trace time only
+
+    q, scale = (w.q, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
+    kernel = scale is not None and (impl == "pallas-interpret" or (impl == "pallas" and jax.default_backend() == "gpu"))
+    if kernel:
+        return expert_slots.slot_matmul_pallas(lhs, q, scale, slot_expert, interpret=impl == "pallas-interpret")
+    return expert_slots.slot_matmul_reference(lhs, q, scale, slot_expert)
