@@ -2,27 +2,51 @@
 
     python benchmarks/convert_memory.py                      # the preset in docs/convert.md
     python benchmarks/convert_memory.py --preset test --json  # the size the tests use; one JSON line
+    git archive OLD | tar -x -C /tmp/old                      # another version's source tree, then
+    python benchmarks/convert_memory.py --baseline /tmp/old --repeats 3   # both, alternating
 
 Writes a synthetic HF checkpoint (random numpy tensors, sharded safetensors + index; no torch) for a
 config, then converts it in a fresh subprocess (this script with ``--child``) that reports the growth of
-its peak RSS over its RSS just before the conversion, and the seconds to convert and to ``load`` the result
-(with the checksum check, and without it where ``load`` has ``verify=``).
+its peak RSS over its RSS just before the conversion, the seconds (wall and CPU, all threads) to convert,
+and the seconds to ``load`` the result (with the checksum check, and without it where ``load`` has
+``verify=``). With ``--baseline`` the same checkpoint is also converted and loaded by the jamba_jax of
+another source tree, the two runs alternating ``--repeats`` times: on a shared machine only such
+back-to-back pairs compare. Each number is the median over the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from common import environment, hwm_bytes, reset_peak_rss, rss_bytes
+def use_source_tree(root: Path) -> None:
+    """Makes ``import jamba_jax`` load the source tree ``root`` (another version; its ``jamba_jax.convert``
+    package lives at ``root/convert``, as in this repository) instead of the installed one."""
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location("jamba_jax.convert", root / "convert" / "__init__.py",
+                                                  submodule_search_locations=[str(root / "convert")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "__main__" and "--source" in sys.argv:  # a baseline's child: before anything imports jamba_jax
+    use_source_tree(Path(sys.argv[sys.argv.index("--source") + 1]).absolute())
+
+import numpy as np  # noqa: E402
+
+from common import environment, hwm_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 PRESETS = {
     # 4 layers (mamba, mamba+MoE, attention, mamba+MoE), bf16: ~250 MiB, largest leaf (a stacked expert
@@ -88,6 +112,11 @@ def write_synthetic_checkpoint(directory: Path, config: dict, shard_bytes: int =
     return model, largest
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(tiny_dir: str, tiny_out: str, src: str, dst: str) -> dict:
     """Runs in a fresh interpreter. The first conversion, of a tiny checkpoint with the same layer plan, pays
     the costs that do not grow with the model (imports, tracing the param shapes, Orbax's and tensorstore's
@@ -103,9 +132,10 @@ def child(tiny_dir: str, tiny_out: str, src: str, dst: str) -> dict:
     def convert(source, target):
         reset_peak_rss()
         before = rss_bytes()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds()
         orbax_checkpoint.hf_to_orbax(source, target, progress=False)
-        return {"rss_before": before, "growth": hwm_bytes() - before, "seconds": time.perf_counter() - t}
+        return {"rss_before": before, "growth": hwm_bytes() - before, "seconds": time.perf_counter() - t,
+                "cpu_seconds": cpu_seconds() - cpu}
 
     def load(target, **kwargs):
         t = time.perf_counter()
@@ -114,7 +144,8 @@ def child(tiny_dir: str, tiny_out: str, src: str, dst: str) -> dict:
         del model
         return time.perf_counter() - t
 
-    out = {"first": convert(tiny_dir, tiny_out), "measured": convert(src, dst)}
+    out = {"code": [jamba_jax.__file__, orbax_checkpoint.__file__], "first": convert(tiny_dir, tiny_out),
+           "measured": convert(src, dst)}
     load(tiny_out)  # the one-time costs of a first load
     has_verify = "verify" in inspect.signature(jamba_jax.load).parameters
     out["load_seconds"] = min(load(dst) for _ in range(2))
@@ -129,51 +160,96 @@ def tiny_version(config: dict) -> dict:
                 num_key_value_heads=1, mamba_d_state=4)
 
 
-def measure(workdir: Path, config: dict) -> dict:
-    write_synthetic_checkpoint(workdir / "tiny", tiny_version(config))
-    args = [str(workdir / d) for d in ("tiny", "tiny-converted", "hf", "converted")]
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure(workdir: Path, source: Path | None = None) -> dict:
+    """One conversion and load of ``workdir/hf`` in a fresh process, by this jamba_jax or that of ``source``."""
+    dirs = [workdir / d for d in ("tiny", "tiny-converted", "hf", "converted")]
+    for d in (dirs[1], dirs[3]):
+        shutil.rmtree(d, ignore_errors=True)
+    extra = [] if source is None else ["--source", str(source)]
+    out = subprocess.run([sys.executable, __file__, "--child", *map(str, dirs), *extra], capture_output=True,
+                         text=True, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    if source is not None and not all(Path(f).is_relative_to(source.absolute()) for f in m["code"]):
+        raise RuntimeError(f"the baseline ran {m['code']}, not code from {source}")
+    return m
 
 
-def run(preset: str, workdir: Path) -> dict:
+def summary(runs: list[dict], model: int, largest: int) -> dict:
+    """The medians over ``runs`` (from ``measure``)."""
+    med = lambda values: statistics.median(values)  # noqa: E731
+    growth = med([r["measured"]["growth"] for r in runs])
+    out = {"model_bytes": model, "largest_leaf_bytes": largest,
+           "rss_before_bytes": med([r["measured"]["rss_before"] for r in runs]), "peak_rss_growth_bytes": growth,
+           "first_conversion_growth_bytes": med([r["first"]["growth"] for r in runs]),
+           "growth_over_largest_leaf": growth / largest, "growth_over_model": growth / model,
+           "convert_seconds": round(med([r["measured"]["seconds"] for r in runs]), 2),
+           "convert_cpu_seconds": round(med([r["measured"]["cpu_seconds"] for r in runs]), 2),
+           "load_seconds": round(med([r["load_seconds"] for r in runs]), 2),
+           "load_noverify_seconds": None, "repeats": len(runs)}
+    if all("load_noverify_seconds" in r for r in runs):
+        out["load_noverify_seconds"] = round(med([r["load_noverify_seconds"] for r in runs]), 2)
+    return out
+
+
+def run(preset: str, workdir: Path, baseline: Path | None = None, repeats: int = 1) -> dict:
     config = PRESETS[preset]
     t = time.perf_counter()
     model, largest = write_synthetic_checkpoint(workdir / "hf", config)
     written = time.perf_counter() - t
-    m = measure(workdir, config)
-    growth, fixed = m["measured"]["growth"], m["first"]["growth"]
-    return {"preset": preset, "model_bytes": model, "largest_leaf_bytes": largest,
-            "rss_before_bytes": m["measured"]["rss_before"], "peak_rss_growth_bytes": growth,
-            "first_conversion_growth_bytes": fixed, "growth_over_largest_leaf": growth / largest,
-            "growth_over_model": growth / model, "convert_seconds": round(m["measured"]["seconds"], 2),
-            "load_seconds": round(m["load_seconds"], 2),
-            "load_noverify_seconds": round(m["load_noverify_seconds"], 2) if "load_noverify_seconds" in m else None,
-            "write_synthetic_seconds": round(written, 2)}
+    write_synthetic_checkpoint(workdir / "tiny", tiny_version(config))
+    runs, base_runs = [], []
+    for _ in range(repeats):
+        if baseline is not None:
+            base_runs.append(measure(workdir, baseline))
+        runs.append(measure(workdir))
+    result = {"preset": preset, **summary(runs, model, largest), "write_synthetic_seconds": round(written, 2)}
+    if baseline is not None:
+        base = summary(base_runs, model, largest)
+        result["baseline"] = {"source": str(baseline), **base}
+        result["ratio_to_baseline"] = {k: round(result[k] / base[k], 3) for k in
+                                       ("convert_seconds", "convert_cpu_seconds", "load_seconds",
+                                        "growth_over_largest_leaf") if base[k]}
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="large")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="also measure the jamba_jax source tree DIR (e.g. from git archive), alternating")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each version (default 1)")
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--source", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
+    if args.baseline is not None and not (args.baseline / "convert" / "orbax_checkpoint.py").is_file():
+        parser.error(f"--baseline {args.baseline}: not a jamba_jax source tree (no convert/orbax_checkpoint.py)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.preset, Path(tmp))
+        result = run(args.preset, Path(tmp), args.baseline, args.repeats)
     if args.json:
         print(json.dumps({**environment(), **result}))
         return
     mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+
+    def report(r: dict, name: str) -> None:
+        print(f"{name}: peak RSS growth during conversion {mib(r['peak_rss_growth_bytes'])} "
+              f"= {r['growth_over_largest_leaf']:.2f} x largest leaf = {r['growth_over_model']:.3f} x model "
+              f"(RSS before: {mib(r['rss_before_bytes'])}); convert {r['convert_seconds']} s "
+              f"({r['convert_cpu_seconds']} s CPU)")
+        print(f"{name}: load {r['load_seconds']} s (checksums checked); without the checksum check: "
+              f"{r['load_noverify_seconds']} s")
+
     print(f"preset {result['preset']}: model {mib(result['model_bytes'])}, largest leaf "
-          f"{mib(result['largest_leaf_bytes'])}")
-    print(f"peak RSS growth during conversion: {mib(result['peak_rss_growth_bytes'])} "
-          f"= {result['growth_over_largest_leaf']:.2f} x largest leaf = {result['growth_over_model']:.3f} x model "
-          f"(RSS before: {mib(result['rss_before_bytes'])}); convert {result['convert_seconds']} s")
-    print(f"load {result['load_seconds']} s (checksums checked); without the checksum check: "
-          f"{result['load_noverify_seconds']} s")
+          f"{mib(result['largest_leaf_bytes'])}; medians of {result['repeats']} run(s)")
+    report(result, "this version")
+    if "baseline" in result:
+        report(result["baseline"], f"baseline {result['baseline']['source']}")
+        print("ratio to the baseline: " + ", ".join(f"{k} {v}" for k, v in result["ratio_to_baseline"].items()))
     print(f"one-time costs (growth of a first, tiny conversion in the process): "
           f"{mib(result['first_conversion_growth_bytes'])}")
 

@@ -8,9 +8,10 @@
   on stderr and removes it (under the lock no live run can own it);
 - writes into a fresh hidden sibling ``.{name}.partial-<random>`` (exclusive ``mkdir``);
 - turns SIGTERM and SIGHUP into ``KeyboardInterrupt`` while it runs, so they clean up like Ctrl-C;
-- on success renames the partial directory to ``dst`` with ``RENAME_NOREPLACE``: a ``dst`` that appeared
-  while it ran (another process's directory) is never replaced; with ``overwrite`` only the ``dst`` that
-  was checked at the start (empty, or a previous output: ``replaceable``) is moved aside and removed;
+- on success flushes the partial directory to the disk (every file and directory: writers need not
+  fsync) and renames it to ``dst`` with ``RENAME_NOREPLACE``: a ``dst`` that appeared while it ran
+  (another process's directory) is never replaced; with ``overwrite`` only the ``dst`` that was checked
+  at the start (empty, or a previous output: ``replaceable``) is moved aside and removed;
 - on any failure removes the partial directory.
 """
 
@@ -212,9 +213,30 @@ def atomic_output_dir(dst: str | Path, *, overwrite: bool = False,
         _release(dst, fd)
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """Flushes every file and directory under ``root`` (and ``root``) to the disk."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                _fsync(path)
+        _fsync(directory)
+
+
 def _commit(tmp: Path, dst: Path, existing: int | None) -> None:
-    """Renames ``tmp`` to ``dst``; replaces ``dst`` only if it is still the directory (inode ``existing``)
-    that was checked at the start."""
+    """Makes ``tmp`` durable and renames it to ``dst``; replaces ``dst`` only if it is still the directory
+    (inode ``existing``) that was checked at the start. Writers need not fsync: a ``dst`` that survives a
+    crash or power loss is complete."""
+    sync_tree(tmp)
+    parent = str(dst.absolute().parent)
     if existing is not None and os.path.lexists(dst):
         old = dst.absolute().parent / f".{dst.name}.old-{secrets.token_hex(4)}"
         os.rename(dst, old)  # a fresh random name: replaces nothing
@@ -223,10 +245,12 @@ def _commit(tmp: Path, dst: Path, existing: int | None) -> None:
                 _rename_noreplace(old, dst)
             raise CheckpointError(f"{dst}: replaced by another process during the conversion; left as is")
         _rename_noreplace(tmp, dst)
+        _fsync(parent)  # the renames, before the old output goes
         _rmtree(old)
         return
     try:
         _rename_noreplace(tmp, dst)
+        _fsync(parent)
     except FileExistsError:
         raise CheckpointError(f"{dst}: created by another process during the conversion; "
                               "left as is, nothing written") from None

@@ -6,15 +6,20 @@ both use it): every file, key, shape and dtype is checked through ``safe_open`` 
 before any tensor data is read; each tensor is then read with one ``np.fromfile`` at its offset
 rather than through a memory map, whose pages would count as resident until the file is closed
 (that would double the peak memory of a conversion).
+
+``load_hf_params(..., shardings=)`` reads only the parts of each leaf that this process's devices hold
+(``read_leaf_region``): in a job of several processes no process reads the whole checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -200,20 +205,147 @@ def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | 
         del leaf  # before the next leaf is allocated
 
 
+# Each layout (``params.Layout``) as a view: the HF tensor reshaped row-major to ``view(hf_shape)`` and
+# transposed by ``perm`` is the param leaf's part, so a box of the part is a box of the view (read below
+# without reading the rest). tests/test_multiprocess.py checks every layout against its ``to_jax``.
+LAYOUT_VIEWS: dict[str, tuple[Callable[[tuple[int, ...]], tuple[int, ...]], tuple[int, ...] | None]] = {
+    "same": (lambda s: s, None),
+    "linear": (lambda s: s, (1, 0)),                      # [out, in] -> [in, out]
+    "in_proj": (lambda s: (2, s[0] // 2, s[1]), (2, 0, 1)),  # [2 * d_inner, in] -> [in, 2, d_inner]
+    "in_proj_bias": (lambda s: (2, s[0] // 2), None),     # [2 * d_inner] -> [2, d_inner]
+    "conv": (lambda s: (s[0], s[2]), (1, 0)),             # [channels, 1, width] -> [width, channels]
+}
+# A box that is not one contiguous run of the file is read through a buffer of at most this many bytes.
+STAGE_BYTES = 8 << 20
+
+
+def _box(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``index`` (a sharding's tuple of slices, possibly shorter than ``shape``) as unit-step slices with
+    explicit bounds."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"shard index {index} has a step; expected contiguous shards")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def _readinto(f, out: np.ndarray, where: str) -> None:
+    view = out.reshape(-1).view(np.uint8)
+    if f.readinto(view) != view.size:
+        raise CheckpointError(f"{where} (file truncated)")
+
+
+def _read_box(f, offset: int, dtype: np.dtype, shape: tuple[int, ...], box: tuple[slice, ...],
+              out: np.ndarray, where: str) -> None:
+    """``out[...] =`` the ``box`` of the row-major array of ``shape`` at byte ``offset`` of the open file
+    ``f``; ``out`` is C-contiguous with the box's shape. Extra memory: at most ``STAGE_BYTES``."""
+    rest = shape[1:]
+    row = dtype.itemsize * math.prod(rest)
+    first = box[0]
+    if all(b.start == 0 and b.stop == n for b, n in zip(box[1:], rest)):  # whole rows: one run
+        f.seek(offset + first.start * row)
+        _readinto(f, out, where)
+    elif row > STAGE_BYTES:  # rows too large to stage whole: one row at a time
+        for i in range(first.start, first.stop):
+            _read_box(f, offset + i * row, dtype, rest, box[1:], out[i - first.start], where)
+    else:
+        step = max(1, STAGE_BYTES // row)
+        for i in range(first.start, first.stop, step):
+            n = min(step, first.stop - i)
+            f.seek(offset + i * row)
+            staged = np.empty((n,) + rest, dtype)
+            _readinto(f, staged, where)
+            out[i - first.start:i - first.start + n] = staged[(slice(None),) + box[1:]]
+
+
+def _read_part(ckpt: HFCheckpoint, entry: Entry, region: tuple[slice, ...]) -> np.ndarray:
+    """``entry.layout.to_jax(tensor)[region]`` (in the file's dtype), reading only that region's bytes."""
+    file = ckpt.files[entry.hf_key]
+    offset, dtype, hf_tensor_shape = ckpt.offsets[file][entry.hf_key]
+    if entry.layout.name not in LAYOUT_VIEWS:
+        raise ValueError(f"layout {entry.layout.name!r} has no entry in hf_checkpoint.LAYOUT_VIEWS")
+    view_of, perm = LAYOUT_VIEWS[entry.layout.name]
+    view = view_of(hf_tensor_shape)
+    perm = perm or tuple(range(len(view)))
+    view_box = [slice(None)] * len(view)
+    for j, axis in enumerate(perm):  # part axis j is view axis perm[j]
+        view_box[axis] = region[j]
+    out = np.empty([b.stop - b.start for b in view_box], NP_DTYPES[dtype])
+    try:
+        with open(file, "rb") as f:
+            _read_box(f, offset, NP_DTYPES[dtype], view, tuple(view_box), out, f"{file}: cannot read {entry.hf_key!r}")
+    except OSError as err:
+        raise CheckpointError(f"{file}: cannot read {entry.hf_key!r} ({err})") from None
+    return out.transpose(perm)
+
+
+def read_leaf_region(ckpt: HFCheckpoint, path: tuple[str, ...], index: tuple, dtype,
+                     allow_nonfinite: bool = False) -> np.ndarray:
+    """``leaf[index]`` of the param leaf ``path`` as a fresh numpy array in ``dtype``, reading from the
+    files only the bytes of that region (``index``: a tuple of slices, as a sharding's
+    ``addressable_devices_indices_map`` gives). NaN/Inf in the region is refused as in ``iter_hf_leaves``.
+
+    Extra memory: one entry's part of the region plus ``STAGE_BYTES``."""
+    shape, entries = ckpt.leaves[path]
+    box = _box(index, shape)
+    out = np.empty([b.stop - b.start for b in box], np.dtype(jnp.dtype(dtype)))
+    for e in entries:
+        stack = box[:len(e.index)]
+        if not all(b.start <= i < b.stop for i, b in zip(e.index, stack)):
+            continue  # a block or expert this region does not hold
+        part = _read_part(ckpt, e, box[len(e.index):])
+        if not allow_nonfinite:
+            _check_finite(ckpt.files[e.hf_key], e.hf_key, part)
+        out[tuple(i - b.start for i, b in zip(e.index, stack))] = part  # casts to dtype on assignment
+        del part
+    return out
+
+
+def read_sharded_leaf(ckpt: HFCheckpoint, path: tuple[str, ...], sharding: jax.sharding.Sharding, dtype,
+                      allow_nonfinite: bool = False) -> jax.Array:
+    """The param leaf ``path`` as a ``jax.Array`` with ``sharding``, built from the regions this process's
+    devices hold (each distinct region read once, then copied to the devices that hold it); with devices
+    of other processes in ``sharding`` the array is global and this process reads only its part."""
+    shape = ckpt.leaves[path][0]
+    regions: dict[tuple, list] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        box = _box(index, shape)
+        regions.setdefault(tuple((b.start, b.stop) for b in box), []).append(device)
+    shards = []
+    for bounds, devices in regions.items():
+        block = read_leaf_region(ckpt, path, tuple(slice(*b) for b in bounds), dtype, allow_nonfinite)
+        shards.extend(jax.device_put(block, d) for d in devices)
+        del block
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
 def load_hf_params(directory: str | Path, config: JambaConfig, dtype=jnp.float32,
-                   place: Callable[[tuple[str, ...], np.ndarray], object] | None = None,
+                   shardings: dict[tuple[str, ...], jax.sharding.Sharding] | None = None,
+                   transform: Callable[[tuple[str, ...], jax.Array], object] | None = None,
                    allow_nonfinite: bool = False):
     """The params of the HF checkpoint in ``directory`` as a pytree of arrays in ``dtype``.
 
-    ``place(path, leaf)`` turns each numpy leaf into the stored array (default ``jnp.asarray``; e.g.
-    a ``jax.device_put`` onto a sharding). Raises ``CheckpointError`` naming the key on an
-    unexpected, missing or mis-shaped tensor, or one holding NaN/Inf unless ``allow_nonfinite``."""
+    ``shardings`` (flat ``param path -> Sharding``, see ``placement.leaf_shardings``) places each leaf:
+    only the regions this process's devices hold are read (``read_sharded_leaf``). Without it each leaf
+    is read whole onto the default device. ``transform(path, array)`` then turns each leaf into the
+    stored one (e.g. ExpertsInt8). Raises ``CheckpointError`` naming the key on an unexpected, missing or
+    mis-shaped tensor, or one holding NaN/Inf unless ``allow_nonfinite`` (a process checks the regions it
+    reads; together the processes read every element)."""
     ckpt = open_hf_checkpoint(directory, config)
-    place = place or (lambda path, leaf: jnp.asarray(leaf))
+    transform = transform or (lambda path, leaf: leaf)
     params = {}
     with tqdm(total=len(ckpt.nbytes), desc="loading tensors", unit="tensor", disable=None) as bar:
-        for path, leaf in iter_hf_leaves(ckpt, dtype, progress=lambda n: bar.update(),
-                                          allow_nonfinite=allow_nonfinite):
-            params[path] = place(path, leaf)
-            del leaf
+        if shardings is not None:
+            for path, (_, entries) in ckpt.leaves.items():
+                params[path] = transform(path, read_sharded_leaf(ckpt, path, shardings[path], dtype,
+                                                                 allow_nonfinite))
+                bar.update(len(entries))
+        else:
+            for path, leaf in iter_hf_leaves(ckpt, dtype, progress=lambda n: bar.update(),
+                                              allow_nonfinite=allow_nonfinite):
+                params[path] = transform(path, jnp.asarray(leaf))
+                del leaf
     return traverse_util.unflatten_dict(params)

@@ -69,8 +69,9 @@ def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: s
     of param keys; leaves it leaves out are replicated on ``mesh``). The model keeps the mesh:
     ``forward`` and ``generate`` then run sharded over it.
     A converted checkpoint is restored by Orbax in one call into an abstract tree that carries every
-    leaf's sharding (each device reads only its shard); an HF one is read one leaf at a time and put onto
-    it. Raises ``ConfigError`` / ``CheckpointError`` with a message naming the file or key.
+    leaf's sharding (each device reads only its shard); from an HF one, leaf by leaf, only the regions
+    this process's devices hold are read (in a job of several processes, see ``jamba_jax.distributed``,
+    no process reads the whole checkpoint). Raises ``ConfigError`` / ``CheckpointError`` with a message naming the file or key.
 
     A converted checkpoint's leaves are always checked against its ``manifest.json`` and ``config.json``
     (shape and dtype, before anything is read); ``verify`` (default True) also checks each leaf's checksum
@@ -99,27 +100,17 @@ def load(path: str | Path, *, dtype=None, mesh=None, shardings=None, quantize: s
         return Jamba(config, params, _load_tokenizer(path), checkpoint_dir=path, quantize=quantize, **kept)
     config = JambaConfig.from_json(path / "config.json")
     dtype = jnp.dtype(dtype if dtype is not None else config.dtype)
-    place = None
+    placement = None
     if mesh is not None or shardings is not None:
         placement = leaf_shardings(traverse_util.flatten_dict(abstract_params(config, dtype)), mesh=mesh,
                                    shardings=shardings)
-        place = lambda leaf_path, leaf: jax.device_put(leaf, placement[leaf_path])  # noqa: E731
-    if quantize is not None:
-        place = _quantizing(place)
-    params = load_hf_params(path, config, dtype, place=place, allow_nonfinite=allow_nonfinite)
+    transform = None
+    if quantize is not None:  # each feed-forward leaf quantized as soon as it is placed
+        transform = lambda leaf_path, leaf: quantize_leaf(leaf) if is_quantized(leaf_path) else leaf  # noqa: E731
+    params = load_hf_params(path, config, dtype, shardings=placement, transform=transform,
+                            allow_nonfinite=allow_nonfinite)
     params = quantize_params(params, config, quantize)  # checks every feed-forward weight was quantized
     return Jamba(config, params, _load_tokenizer(path), checkpoint_dir=path, quantize=quantize, **kept)
-
-
-def _quantizing(place):
-    """The loader's ``place`` hook, followed by ExpertsInt8 quantization of the feed-forward leaves."""
-    place = place or (lambda leaf_path, leaf: jnp.asarray(leaf))
-
-    def place_and_quantize(leaf_path, leaf):
-        stored = place(leaf_path, leaf)
-        return quantize_leaf(stored) if is_quantized(leaf_path) else stored
-
-    return place_and_quantize
 
 
 def _load_tokenizer(path: Path):

@@ -20,6 +20,7 @@ import numpy as np
 
 from .api import Jamba, mesh_context
 from .attention import KEY_BLOCK
+from .distributed import to_host
 from .sampling import sample
 from .steps import (ModelSpec, apply_step, available_bytes, cache_device_bytes, decode_step, default_chunk,
                     init_cache, model_platform, prefill, prefill_pieces)
@@ -314,7 +315,7 @@ def _run(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_size) 
         out, _ = _decode_loop(model.params, cache, first, key, jnp.asarray(eos or (-1,), jnp.int32),
                               jnp.int32(pad_id), spec=ModelSpec.of(model), sampling=sampling,
                               max_new_tokens=max_new_tokens)
-        out = np.asarray(out)
+        out = to_host(out)
     t2 = time.perf_counter()
     return _finish(model, out, encoded, eos, stop, t1 - t0 - prefill_compile,
                    t2 - t1 - (clock.seconds - prefill_compile), clock.seconds)
@@ -334,7 +335,7 @@ def _stream(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_siz
     t0 = time.perf_counter()
     with clock:
         token, cache, key = _prefill(model, sampling, encoded, max_new_tokens, chunk_size, jax.random.key(seed))
-        token = np.asarray(token)
+        token = to_host(token)
     t1, prefill_compile = time.perf_counter(), clock.seconds
     batch = len(encoded)
     rows = [[] for _ in range(batch)]
@@ -344,7 +345,7 @@ def _stream(model, sampling, encoded, max_new_tokens, seed, eos, stop, chunk_siz
             key, sub = jax.random.split(key)
             with clock:
                 logits, cache = decode_step(model, token, cache)
-                token = np.asarray(_sample(logits, sub, sampling=sampling))
+                token = to_host(_sample(logits, sub, sampling=sampling))
         emitted = []
         for row in range(batch):
             if done[row]:

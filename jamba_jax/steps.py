@@ -120,6 +120,7 @@ def available_bytes(model: Jamba) -> int | None:
     say): an accelerator's ``bytes_limit - bytes_in_use``; for CPU devices the host's available memory,
     shared between them."""
     devices = list(model.mesh.devices.flat) if model.mesh is not None else jax.devices()[:1]
+    devices = [d for d in devices if d.process_index == jax.process_index()]  # a process sees only its own
     free = []
     for device in devices:
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None

@@ -247,6 +247,83 @@ def test_peak_memory_is_bounded_by_the_largest_leaf(tmp_path):
     assert result["peak_rss_growth_bytes"] < result["model_bytes"] / 3, result
 
 
+def test_leaves_are_saved_in_groups_within_the_budget(checkpoints, tmp_path, monkeypatch):
+    """Consecutive leaves share one ``partial.save`` up to the group budget: the held group is written
+    before the next leaf is read whenever that leaf would not fit, so the leaves held never exceed the
+    budget (a larger leaf goes alone), and no two consecutive groups could have been one. The result is
+    the default conversion's."""
+    hf, default = checkpoints("float32")
+    budget = 5000
+    monkeypatch.setattr(orbax_checkpoint, "GROUP_BYTES", budget)
+    writers, groups, read = [], [], []
+    init, write, iter_leaves = (orbax_checkpoint.LeafWriter.__init__, orbax_checkpoint.LeafWriter.write,
+                                orbax_checkpoint.iter_hf_leaves)
+
+    def recording_init(self, directory):
+        init(self, directory)
+        writers.append(self)
+
+    def recording_write(self, leaves):
+        groups.append([a.nbytes for a in leaves.values()])
+        write(self, leaves)
+
+    def watched_leaves(*args, **kwargs):
+        leaves = iter_leaves(*args, **kwargs)
+        while True:
+            held = writers[0].pending_bytes  # before the next leaf is read
+            try:
+                path, leaf = next(leaves)
+            except StopIteration:
+                return
+            assert held == 0 or held + leaf.nbytes <= budget, (path, held, leaf.nbytes)
+            read.append(path)
+            yield path, leaf
+
+    monkeypatch.setattr(orbax_checkpoint.LeafWriter, "__init__", recording_init)
+    monkeypatch.setattr(orbax_checkpoint.LeafWriter, "write", recording_write)
+    monkeypatch.setattr(orbax_checkpoint, "iter_hf_leaves", watched_leaves)
+    assert main(["convert", str(hf), str(tmp_path / "out")]) == 0
+    assert sum(len(g) for g in groups) == len(read)
+    assert any(len(g) > 1 for g in groups) and any(g[0] > budget for g in groups)
+    for g in groups:
+        assert sum(g) <= budget or len(g) == 1, g
+    for g, h in zip(groups, groups[1:]):
+        assert sum(g) + h[0] > budget, (g, h)
+    want, got = jamba_jax.load(default), jamba_jax.load(tmp_path / "out")
+    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsynced files through Linux /proc")
+def test_output_is_on_disk_before_it_appears(checkpoints, tmp_path, monkeypatch):
+    """Every file and directory of the output is fsynced before the rename that makes it appear, and its
+    parent directory after that rename: a crash of the machine never leaves an incomplete OUT_DIR."""
+    from jamba_jax.convert import atomic_dir
+
+    hf, _ = checkpoints("float32")
+    events = []
+    fsync, rename = os.fsync, atomic_dir._rename_noreplace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_rename(src, dst):
+        rename(src, dst)
+        events.append(("rename", str(src.absolute()), str(dst.absolute())))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(atomic_dir, "_rename_noreplace", recording_rename)
+    out = tmp_path / "out"
+    assert main(["convert", str(hf), str(out)]) == 0
+    (at,) = [i for i, e in enumerate(events) if e[0] == "rename"]
+    _, tmp, dst = events[at]
+    synced = {path.replace(tmp, dst, 1) for kind, path in events[:at] if path.startswith(tmp)}
+    on_disk = {str(out)} | {str(p) for p in out.rglob("*")}
+    assert on_disk <= synced, sorted(on_disk - synced)[:5]
+    assert ("fsync", str(tmp_path)) in events[at + 1:]
+
+
 # ---- bad input: one line on stderr, exit code 2, nothing left behind --------------------------------
 
 @pytest.fixture

@@ -199,6 +199,29 @@ def test_checksum_is_additive_over_any_sharding():
     assert checksum(np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(x.shape)) != whole
 
 
+@pytest.mark.parametrize("band", [1 << 18, 7])
+def test_checksum_matches_its_definition(band, monkeypatch):
+    """``partial_sums`` against its definition in Python integers (random bits, so the sums wrap), also
+    with bands of rows much smaller than the part (several bands, a ragged last one)."""
+    from jamba_jax.convert import checksum as ck
+
+    monkeypatch.setattr(ck, "BAND_ELEMENTS", band)
+    rng = np.random.default_rng(1)
+    cases = [((), np.uint32, ()), ((9,), np.uint16, (3,)), ((5, 3, 4), np.uint32, (0, 2, 1)),
+             ((2, 3, 2, 5), np.uint8, (1, 0, 4, 2)), ((4, 7), np.uint64, (6, 0))]
+    for shape, bits, start in cases:
+        b = rng.integers(0, np.iinfo(bits).max, size=shape, dtype=bits, endpoint=True)
+        s0 = s1 = 0
+        for index in np.ndindex(*shape):
+            corner = [i + s for i, s in zip(index, start)]
+            s0 += int(b[index])
+            s1 += int(b[index]) * (1 + sum(ck._P[d] * i for d, i in enumerate(corner)))
+        assert ck.partial_sums(b, start) == (s0 % 2**64, s1 % 2**64), (shape, bits)
+        if bits in (np.uint16, np.uint32):  # a float leaf with these raw bits has the same sums
+            floats = b.view(np.dtype(f"f{np.dtype(bits).itemsize}"))
+            assert ck.partial_sums(floats, start) == (s0 % 2**64, s1 % 2**64)
+
+
 SHARDED_VERIFY = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
