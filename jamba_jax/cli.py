@@ -62,22 +62,17 @@ def cmd_info(args) -> int:
 
 
 def print_memory_plan(config, args) -> int:
-    """``--mesh N``: the per-device plan of ``jamba_jax.memory_plan`` (compiled against N devices: fake CPU
-    devices when this machine has fewer accelerators)."""
-    from .memory_plan import fake_cpu_devices, memory_plan
+    """``--mesh N``: the per-device plan of ``jamba_jax.memory_plan``, compiled for N devices
+    (``memory_plan.plan_devices``: attached or compile-only GPUs on a GPU machine, else fake CPU devices)."""
+    from .memory_plan import memory_plan, plan_devices
 
     if args.mesh < 1 or args.expert < 1 or args.mesh % args.expert:
         raise ValueError(f"--mesh ({args.mesh}) must be a positive multiple of --expert ({args.expert})")
-    import jax
-
     from .sharding import make_mesh
 
-    fake_cpu_devices(args.mesh)  # before JAX starts: a machine with fewer accelerators plans on CPU devices
-    devices = jax.devices()
-    if len(devices) < args.mesh:
-        devices = jax.devices("cpu")
+    devices, found = plan_devices(args.mesh)  # before JAX starts: it may make fake CPU devices
     mesh = make_mesh(args.mesh, expert=args.expert, devices=devices)
-    print(f"compiling the prefill chunk and decode step for {args.mesh} devices ...", file=sys.stderr)
+    print(f"compiling the prefill chunk and decode step for {args.mesh} devices ({found}) ...", file=sys.stderr)
     plan = memory_plan(config, mesh, context=args.context, batch=args.batch, dtype=args.dtype,
                        quantize=args.quantize)
     if args.json:
@@ -87,6 +82,7 @@ def print_memory_plan(config, args) -> int:
     rows = [
         ("config", args.config),
         ("mesh", " x ".join(f"{k} {v}" for k, v in plan["mesh"].items())),
+        ("compiled by", f"{plan['compiler']} ({plan['compiled_for']}, {found})"),
         (f"params per device ({weights})", _size(plan["params"])),
         (f"KV cache per device ({args.batch} x {args.context:,} tokens)", _size(plan["kv_cache"])),
         ("Mamba state per device", _size(plan["mamba_state"])),
@@ -157,9 +153,27 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    if args.distributed:  # before any other JAX call: every host runs this same command
+        from . import distributed
+
+        distributed.initialize(name="jamba generate")
+        distributed.route_native_output("jamba generate")  # native logs would mix into the generated text
+        return distributed.run_job(lambda: _generate(args), lambda e: 130 if isinstance(e, KeyboardInterrupt)
+                                   else 2 if isinstance(e, USER_ERRORS) else 1)
+    return _generate(args)
+
+
+def _generate(args) -> int:
+    """``jamba generate`` in this process; with ``--distributed`` every process of the job runs it on
+    process 0's inputs, and only process 0 prints."""
     from .api import load
+    from .distributed import agree, is_primary
     from .generate import generate
 
+    if args.distributed:
+        (args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop) = agree(
+            [args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop])
+    show = print if is_primary() else (lambda *a, **k: None)
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
@@ -168,11 +182,10 @@ def cmd_generate(args) -> int:
         from .demo import DEMO_DIR
 
         args.checkpoint = DEMO_DIR
-    mesh = None
-    if args.distributed:  # before any other JAX call: every host runs this same command
-        import jax
+    from .compilation_cache import enable_compilation_cache
 
-        jax.distributed.initialize()
+    enable_compilation_cache(args.compilation_cache)
+    mesh = None
     if args.mesh is not None:
         from .sharding import make_mesh
 
@@ -191,13 +204,13 @@ def cmd_generate(args) -> int:
             tokens.append(token)
             text = model.tokenizer.decode(tokens)
             if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 character
-                print(text[len(printed):], end="", flush=True)
+                show(text[len(printed):], end="", flush=True)
                 printed = text
     except StopIteration as done:
         result = done.value
     final = result.text[0]
-    print(final[len(printed):] if final.startswith(printed) else "", flush=True)
-    print(f"[{len(result.tokens[0])} tokens; compile {result.compile_seconds:.2f} s; "
+    show(final[len(printed):] if final.startswith(printed) else "", flush=True)
+    show(f"[{len(result.tokens[0])} tokens; compile {result.compile_seconds:.2f} s; "
           f"prefill {result.prefill_seconds:.2f} s "
           f"({result.prefill_tokens_per_second:,.0f} tok/s); decode {result.decode_tokens_per_second:,.1f} tok/s]",
           file=sys.stderr)
@@ -260,6 +273,81 @@ def add_train_parser(sub) -> None:
     train.set_defaults(run=run)
 
 
+def add_serve_parser(sub) -> None:
+    """``jamba serve``: the continuous-batching engine behind an OpenAI-compatible HTTP API."""
+    serve = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with continuous batching",
+        description="Serves a checkpoint over HTTP (POST /v1/completions, /v1/chat/completions, GET /v1/models, "
+                    "/health): up to --max-batch requests decode together, a new one is prefilled in chunks "
+                    "between their steps. See docs/serving.md.")
+    serve.add_argument("--checkpoint", default=None,
+                       help="HF or converted checkpoint directory with tokenizer.json (default: the bundled demo model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="decode slots (requests decoded together)")
+    serve.add_argument("--max-length", type=int, default=2048, help="most tokens (prompt + new) of one request")
+    serve.add_argument("--chunk", type=int, default=None, help="prompt tokens prefilled per step (default 128)")
+    serve.add_argument("--queue-size", type=int, default=64, help="requests waiting for a slot before 429")
+    serve.add_argument("--prefix-entries", type=int, default=8, help="snapshots kept for prefix reuse (0: none)")
+    serve.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the directory's)")
+    serve.add_argument("--dtype", default=None, choices=FLOAT_DTYPES, help="compute/param dtype")
+    serve.add_argument("--kernels", default="xla", choices=["xla", "pallas"])
+    serve.add_argument("--mesh", type=int, default=None, help="shard over this many devices (0: all)")
+    serve.add_argument("--expert", type=int, default=1, help="with --mesh: the expert-parallel axis size")
+    serve.add_argument("--quantize", default=None, choices=["experts-int8"])
+    serve.add_argument("--compilation-cache", default=None, metavar="DIR",
+                       help="JAX's persistent compilation cache (default ~/.cache/jamba_jax/xla; 'off')")
+
+    def run(args) -> int:
+        import socket
+        import time
+        from pathlib import Path
+
+        from .api import load
+        from .compilation_cache import enable_compilation_cache
+        from .serve.engine import DEFAULT_CHUNK, Engine
+        from .serve.server import serve as run_server
+
+        if not 0 <= args.port < 65536:
+            raise ValueError(f"--port must be in [0, 65536), got {args.port}")
+        for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-length", args.max_length, 2),
+                                 ("--chunk", args.chunk or 1, 1), ("--queue-size", args.queue_size, 0),
+                                 ("--prefix-entries", args.prefix_entries, 0)):
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            try:  # refuse a busy port before loading and compiling
+                probe.bind((args.host, args.port))
+            except OSError as e:
+                raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; check --host and --port") from None
+        enable_compilation_cache(args.compilation_cache)
+        if args.checkpoint is None:
+            from .demo import DEMO_DIR
+
+            args.checkpoint = DEMO_DIR
+        mesh = None
+        if args.mesh is not None:
+            from .sharding import make_mesh
+
+            mesh = make_mesh(None if args.mesh == 0 else args.mesh, expert=args.expert)
+        model = load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize, mesh=mesh)
+        engine = Engine(model, slots=args.max_batch, max_length=args.max_length,
+                        chunk=args.chunk or DEFAULT_CHUNK, queue_size=args.queue_size,
+                        prefix_entries=args.prefix_entries)
+        start = time.perf_counter()
+        engine.start()
+        name = args.model_name or Path(args.checkpoint).resolve().name
+        print(f"jamba serve: {name}, {args.max_batch} slots x {args.max_length} tokens, warm-up "
+              f"{time.perf_counter() - start:.1f} s; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        try:
+            run_server(engine, name, args.host, args.port, log_level="warning")
+        finally:
+            engine.close()
+        return 0
+
+    serve.set_defaults(run=run)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error reported in one line (and exit 2) instead of the usage text."""
 
@@ -310,10 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard over this many devices (0: all; tensor-parallel, see --expert)")
     gen.add_argument("--expert", type=int, default=1, help="with --mesh: the expert-parallel axis size")
     gen.add_argument("--distributed", action="store_true",
-                     help="multi-host: jax.distributed.initialize() first (run the same command on every host)")
+                     help="one job over several processes/hosts: run the same command on each, with "
+                          "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set (docs/sharding.md)")
     gen.add_argument("--quantize", default=None, choices=["experts-int8"],
                      help="int8 expert and MLP weights (ExpertsInt8), quantized at load")
+    gen.add_argument("--compilation-cache", default=None, metavar="DIR",
+                     help="JAX's persistent compilation cache (default ~/.cache/jamba_jax/xla or "
+                          "$JAMBA_COMPILATION_CACHE; 'off' to turn it off)")
     gen.set_defaults(run=cmd_generate)
+    add_serve_parser(sub)
     return parser
 
 

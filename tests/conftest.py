@@ -4,6 +4,10 @@ on a core another worker is using run an order of magnitude slower (docs/benchma
 
 import os
 
+# The CLI's persistent compilation cache stays off in tests (compile counts and times must be real, and
+# nothing is written under the user's home); tests that exercise it pass a directory of their own.
+os.environ.setdefault("JAMBA_COMPILATION_CACHE", "off")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
