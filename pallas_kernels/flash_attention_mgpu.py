@@ -106,12 +106,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _compute(dtype):
     """(MMA operand dtype, number of bf16 parts) for an input dtype."""
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        return jnp.dtype(jnp.bfloat16), 3
-    if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return dtype, 1
-    raise TypeError(f"flash_attention_mgpu: q must be bfloat16, float16 or float32, got {dtype}")
+    return mosaic_gpu.mma_operands(dtype, "flash_attention_mgpu")
 
 
 def _reuses_q_tile(parts: int, compute_dtype, out_dtype) -> bool:

@@ -96,12 +96,7 @@ def _smem_bytes(block_m, block_n, block_k, stages, parts, compute_dtype, out_dty
 
 def _compute(lhs_dtype):
   """(MMA operand dtype, number of lhs parts) for an lhs dtype."""
-  lhs_dtype = jnp.dtype(lhs_dtype)
-  if lhs_dtype == jnp.float32:
-    return jnp.dtype(jnp.bfloat16), 3
-  if lhs_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return lhs_dtype, 1
-  raise TypeError(f"int8_ragged_dot_mgpu: lhs must be bfloat16, float16 or float32, got {lhs_dtype}")
+  return mosaic_gpu.mma_operands(lhs_dtype, "int8_ragged_dot_mgpu")
 
 
 def mosaic_config(rows: int, k: int, n: int, lhs_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16) -> dict:

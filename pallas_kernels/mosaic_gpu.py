@@ -25,6 +25,20 @@ except Exception as e:  # noqa: BLE001  # pragma: no cover - a jax without the M
     _IMPORT_ERROR = e
 
 
+def mma_operands(dtype, kernel: str):
+    """``(operand dtype, parts)`` of a Mosaic GPU kernel's wgmma for inputs of ``dtype``: bf16/fp16 as
+    themselves (one part); fp32 as three bf16 parts whose fp32 sum is the value (wgmma has no full-fp32
+    mode, and each bf16 x bf16 product is exact in fp32). Other dtypes: a TypeError naming ``kernel``."""
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return jnp.dtype(jnp.bfloat16), 3
+    if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return dtype, 1
+    raise TypeError(f"{kernel}: inputs must be bfloat16, float16 or float32, got {dtype}")
+
+
 def require_plgpu():
     """``plgpu``, or an ImportError saying why it is missing."""
     if plgpu is None:

@@ -36,3 +36,17 @@ def random_params(config, seed: int = 0):
 def random_model(config, seed: int = 0, scan: str = "associative") -> jamba_jax.Jamba:
     """A model of ``config`` on ``random_params``, running the scan named ``scan`` (``Kernels.scan``)."""
     return jamba_jax.Jamba(config, random_params(config, seed), kernels=jamba_jax.Kernels(scan=scan))
+
+
+def triton_kernels_for_cuda(fn, *args) -> int:
+    """The number of Pallas Triton kernels in ``fn`` lowered for CUDA on abstract ``args`` (any backend: the
+    lowering needs no GPU); skips the test where this jaxlib has no Triton dialect."""
+    import pytest
+    from jax import export
+
+    try:
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    except (ImportError, ModuleNotFoundError) as e:  # a jaxlib built without the Triton dialect
+        pytest.skip(f"no Triton lowering in this jaxlib: {e}")
+    return exported.mlir_module().count("xla.gpu.triton")
