@@ -26,6 +26,7 @@ still read, by ``LeafReader``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import itertools
@@ -484,17 +485,21 @@ def restore_params(directory: str | Path, *, dtype=None, mesh: Mesh | None = Non
             from ..distributed import job_checksums
 
             sums = job_checksums({p: values[p] for p, (sh, _) in targets.items() if sh is not None})
-        for p, (sh, dt) in targets.items():
-            v = values[p]
-            if check:
-                verify_checksum(directory, manifest, p, v, sums.get(p))
-                if v.dtype != dt:
+        # A host leaf's checksum runs on a second thread while the leaf is copied into its jax array
+        # (numpy's reductions and the copy both release the GIL): the check then costs little wall time.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as summer:
+            for p, (sh, dt) in targets.items():
+                v = values[p]
+                pending = summer.submit(array_checksum, v) if check and p not in sums else None
+                if check and v.dtype != dt:
                     v = v.astype(dt)
-            if sh is None:
-                # Like the HF loader: uncommitted arrays on the default device (jit treats committed ones as
-                # a different signature, so the two loaders would not share compilations).
-                v = jnp.asarray(v)
-            values[p] = v  # the numpy leaf is freed as its array replaces it: peak model + one leaf
+                if sh is None:
+                    # Like the HF loader: uncommitted arrays on the default device (jit treats committed ones
+                    # as a different signature, so the two loaders would not share compilations).
+                    v = jnp.asarray(v)
+                if check:
+                    verify_checksum(directory, manifest, p, values[p], pending.result() if pending else sums[p])
+                values[p] = v  # the numpy leaf is freed as its array replaces it: peak model + one leaf
     params = {}
     for path in abstract:
         if quantization is not None and is_quantized(path):
