@@ -205,16 +205,6 @@ def iter_hf_leaves(ckpt: HFCheckpoint, dtype, progress: Callable[[int], None] | 
         del leaf  # before the next leaf is allocated
 
 
-# Each layout (``params.Layout``) as a view: the HF tensor reshaped row-major to ``view(hf_shape)`` and
-# transposed by ``perm`` is the param leaf's part, so a box of the part is a box of the view (read below
-# without reading the rest). tests/test_multiprocess.py checks every layout against its ``to_jax``.
-LAYOUT_VIEWS: dict[str, tuple[Callable[[tuple[int, ...]], tuple[int, ...]], tuple[int, ...] | None]] = {
-    "same": (lambda s: s, None),
-    "linear": (lambda s: s, (1, 0)),                      # [out, in] -> [in, out]
-    "in_proj": (lambda s: (2, s[0] // 2, s[1]), (2, 0, 1)),  # [2 * d_inner, in] -> [in, 2, d_inner]
-    "in_proj_bias": (lambda s: (2, s[0] // 2), None),     # [2 * d_inner] -> [2, d_inner]
-    "conv": (lambda s: (s[0], s[2]), (1, 0)),             # [channels, 1, width] -> [width, channels]
-}
 # A box that is not one contiguous run of the file is read through a buffer of at most this many bytes.
 STAGE_BYTES = 8 << 20
 
@@ -265,11 +255,8 @@ def _read_part(ckpt: HFCheckpoint, entry: Entry, region: tuple[slice, ...]) -> n
     """``entry.layout.to_jax(tensor)[region]`` (in the file's dtype), reading only that region's bytes."""
     file = ckpt.files[entry.hf_key]
     offset, dtype, hf_tensor_shape = ckpt.offsets[file][entry.hf_key]
-    if entry.layout.name not in LAYOUT_VIEWS:
-        raise ValueError(f"layout {entry.layout.name!r} has no entry in hf_checkpoint.LAYOUT_VIEWS")
-    view_of, perm = LAYOUT_VIEWS[entry.layout.name]
-    view = view_of(hf_tensor_shape)
-    perm = perm or tuple(range(len(view)))
+    view = entry.layout.view(hf_tensor_shape)
+    perm = entry.layout.perm or tuple(range(len(view)))
     view_box = [slice(None)] * len(view)
     for j, axis in enumerate(perm):  # part axis j is view axis perm[j]
         view_box[axis] = region[j]

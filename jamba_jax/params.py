@@ -62,21 +62,28 @@ def conv_init(key, shape, dtype):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How an HF tensor becomes ours (``to_jax``) and back (``to_hf``), on numpy arrays."""
+    """How an HF tensor becomes ours (``to_jax``) and back (``to_hf``), on numpy arrays. ``to_jax`` is the HF
+    tensor reshaped to ``view(hf_shape)`` (its bytes in file order), then transposed by ``perm`` (None: no
+    transpose): a box of the param leaf is then a box of the view, which is how a process reads only its
+    shard's bytes (``convert.hf_checkpoint.read_leaf_region``)."""
 
     name: str
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    view: Callable[[tuple[int, ...]], tuple[int, ...]]
+    perm: tuple[int, ...] | None
 
 
-SAME = Layout("same", lambda a: a, lambda a: a)
+SAME = Layout("same", lambda a: a, lambda a: a, lambda s: s, None)
 # torch Linear weight [out, in] <-> kernel [in, out]
-LINEAR = Layout("linear", lambda a: a.T, lambda a: a.T)
+LINEAR = Layout("linear", lambda a: a.T, lambda a: a.T, lambda s: s, (1, 0))
 # Mamba in_proj weight [2 * d_inner, in] <-> kernel [in, 2, d_inner] (x and z halves on their own axis)
-IN_PROJ = Layout("in_proj", lambda a: a.T.reshape(a.shape[1], 2, -1), lambda a: a.reshape(a.shape[0], -1).T)
-IN_PROJ_BIAS = Layout("in_proj_bias", lambda a: a.reshape(2, -1), lambda a: a.reshape(-1))
+IN_PROJ = Layout("in_proj", lambda a: a.T.reshape(a.shape[1], 2, -1), lambda a: a.reshape(a.shape[0], -1).T,
+                 lambda s: (2, s[0] // 2, s[1]), (2, 0, 1))
+IN_PROJ_BIAS = Layout("in_proj_bias", lambda a: a.reshape(2, -1), lambda a: a.reshape(-1),
+                      lambda s: (2, s[0] // 2), None)
 # torch depthwise Conv1d weight [channels, 1, width] <-> [width, channels]
-CONV = Layout("conv", lambda a: a[:, 0, :].T, lambda a: a.T[:, None, :])
+CONV = Layout("conv", lambda a: a[:, 0, :].T, lambda a: a.T[:, None, :], lambda s: (s[0], s[2]), (1, 0))
 
 
 # ---- the table -------------------------------------------------------------------------------------------
