@@ -287,6 +287,8 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--max-batch", type=int, default=8, help="decode slots (requests decoded together)")
     serve.add_argument("--max-length", type=int, default=2048, help="most tokens (prompt + new) of one request")
     serve.add_argument("--chunk", type=int, default=None, help="prompt tokens prefilled per step (default 128)")
+    serve.add_argument("--prefill-rows", type=int, default=None,
+                       help="prompts prefilled together in one step (default: --max-batch, at most 8)")
     serve.add_argument("--queue-size", type=int, default=64, help="requests waiting for a slot before 429")
     serve.add_argument("--prefix-entries", type=int, default=8, help="snapshots kept for prefix reuse (0: none)")
     serve.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the directory's)")
@@ -311,7 +313,9 @@ def add_serve_parser(sub) -> None:
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in [0, 65536), got {args.port}")
         for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-length", args.max_length, 2),
-                                 ("--chunk", args.chunk or 1, 1), ("--queue-size", args.queue_size, 0),
+                                 ("--chunk", 1 if args.chunk is None else args.chunk, 1),
+                                 ("--prefill-rows", 1 if args.prefill_rows is None else args.prefill_rows, 1),
+                                 ("--queue-size", args.queue_size, 0),
                                  ("--prefix-entries", args.prefix_entries, 0)):
             if value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
@@ -332,7 +336,7 @@ def add_serve_parser(sub) -> None:
             mesh = make_mesh(None if args.mesh == 0 else args.mesh, expert=args.expert)
         model = load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize, mesh=mesh)
         engine = Engine(model, slots=args.max_batch, max_length=args.max_length,
-                        chunk=args.chunk or DEFAULT_CHUNK, queue_size=args.queue_size,
+                        chunk=args.chunk or DEFAULT_CHUNK, prefill_rows=args.prefill_rows, queue_size=args.queue_size,
                         prefix_entries=args.prefix_entries)
         start = time.perf_counter()
         engine.start()

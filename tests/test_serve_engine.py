@@ -42,6 +42,10 @@ def test_concurrent_greedy_requests_equal_generate_alone(engine, references):
     assert engine.compactions >= 1
     assert engine.compiles == 0
     assert engine.busy_slots == 0
+    # 9 requests at once on 3 slots: prompts were prefilled together, and calls of several decode steps ran
+    # while every slot was busy.
+    assert max(engine.prefill_groups) == 3
+    assert set(engine.decode_calls) == {1, engine.decode_steps}
 
 
 def test_events_carry_the_text(engine, model):
@@ -85,6 +89,69 @@ def test_cancel_frees_the_slot(engine, references):
         stream.cancel()
         stream.result()
     assert engine.busy_slots == 0 and engine.compiles == 0
+
+
+def test_cancelling_one_prompt_of_a_group(engine, model, references):
+    """A request cancelled while its prompt is prefilled with others: the others' tokens are unchanged, its
+    slot is free. Driven step by step (a second engine of the fixture's shapes: nothing compiles)."""
+    manual = Engine(model, slots=3, max_length=48, chunk=16, queue_size=16, prefix_entries=4)
+    long = manual.encode(PROMPTS[8]) + manual.encode(PROMPTS[0])  # over one chunk: the group runs two
+    streams = [manual.submit(p, max_tokens=NEW) for p in (PROMPTS[1], long, PROMPTS[2])]
+    manual.step()  # the group's first chunk
+    assert dict(manual.prefill_groups) == {3: 1} and manual.busy_slots == 3
+    streams[1].cancel()
+    while any(s.finish_reason is None for s in streams):
+        manual.step()
+    assert streams[1].finish_reason == "cancelled" and streams[1].tokens == []
+    assert streams[0].tokens == references[PROMPTS[1]] and streams[2].tokens == references[PROMPTS[2]]
+    assert manual.busy_slots == 0
+    manual.close()
+
+
+def test_decode_steps_equal_single_steps(engine, model):
+    """One call of several decode steps equals that many calls of one: tokens and cache, a row stopping at
+    its budget and a row whose token is EOS left untouched."""
+    import jax
+    import jax.numpy as jnp
+
+    from jamba_jax.cache import KV_CACHE, cache_entry, cache_logical_axes
+    from jamba_jax.serve import slots as programs
+    from jamba_jax.steps import ModelSpec, init_cache
+
+    spec, steps, rows = ModelSpec.of(model), engine.decode_steps, engine.slots
+    eos = engine.eos[0]
+
+    def fresh_cache():
+        cache = init_cache(model, rows, engine.length)
+        cache["pos"] = jnp.asarray(engine.span, jnp.int32)
+        return cache
+
+    def call(cache, tokens, budget, n, fresh):
+        zeros_f, zeros_i = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
+        keys = np.zeros((rows, 2), np.uint32)
+        return programs.decode_steps(model.params, cache, tokens, keys, np.full(rows, fresh), tokens, keys,
+                                     budget, zeros_f, zeros_i, np.ones(rows, np.float32), spec=spec, steps=n,
+                                     eos=engine.eos)
+
+    start = np.array([17, 42, eos][:rows], np.int32)
+    budget = np.array([steps, 2, steps][:rows], np.int32)
+    new, _, _, many = call(fresh_cache(), start, budget, steps, True)
+    cache, tokens, singles = fresh_cache(), start, []
+    for j in range(steps):
+        out, tokens, _, cache = call(cache, tokens, (budget > j).astype(np.int32), 1, j == 0)
+        singles.append(np.asarray(out)[0])
+    new, singles = np.asarray(new), np.stack(singles)
+    np.testing.assert_array_equal(new[:, 0], singles[:, 0])
+    np.testing.assert_array_equal(new[:2, 1], singles[:2, 1])
+    for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(cache)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-6)
+    for (path, leaf), empty in zip(jax.tree_util.tree_leaves_with_path(many), jax.tree.leaves(fresh_cache())):
+        axes = cache_logical_axes(path, leaf.ndim)
+        # The EOS row's state as it was: no valid slot, the same Mamba state (K/V are written at every
+        # step, valid or not, and read only where valid).
+        if "batch" in axes and cache_entry(path).kind != KV_CACHE:
+            row = axes.index("batch")
+            np.testing.assert_array_equal(np.take(np.asarray(leaf), 2, axis=row), np.take(np.asarray(empty), 2, axis=row))
 
 
 def test_prefix_reuse_is_exact(engine, model):

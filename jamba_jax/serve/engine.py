@@ -7,11 +7,12 @@ stream = engine.submit(ids, max_tokens=64)       # returns at once; iterate for 
 for event in stream: ...
 ```
 
-Each step of the worker runs at most one prefill chunk of the request being admitted (into a one-row
-scratch cache; ``chunk`` tokens, left-padded) and then one decode step of every active slot, so a new
-request's prefill is interleaved with the others' decoding. When its prompt is in, the request's first
-token is drawn and its row is copied into a free slot (``slots.insert``); a finished or cancelled request
-frees its slot at once. Sampling is per request (temperature, top-k, top-p, seed; drawn as ``generate``
+Each step of the worker runs at most one prefill chunk of the requests being admitted (up to
+``prefill_rows`` waiting prompts together, each in a row of a scratch cache, left-padded to a common
+length; ``chunk`` tokens a row) and then one decode step of every active slot, so new requests' prefill is
+interleaved with the others' decoding. When their prompts are in, each request's first token is drawn and
+its row is copied into a free slot (``slots.insert``); a finished or cancelled request frees its slot at
+once. Sampling is per request (temperature, top-k, top-p, seed; drawn as ``generate``
 draws it); stop strings and EOS ids end a request. The programs have fixed shapes: after ``warm_up`` no
 request compiles anything (``Engine.compiles`` counts any that do).
 
@@ -35,11 +36,15 @@ import numpy as np
 
 from ..api import Jamba, mesh_context
 from ..generate import encode_prompts, stop_token_ids
-from ..steps import ModelSpec, init_cache, prefill_chunk
+from ..steps import ModelSpec, init_cache
 from . import slots as programs
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 DEFAULT_CHUNK = 128  # prompt tokens per scheduling step; a short prompt's first token waits for one chunk
+# Decode steps per call while every slot is busy: the host's per-call work (dispatch, taking the tokens) is
+# paid once for them; a finished request's slot waits for the call to end.
+DEFAULT_DECODE_STEPS = 4
+COALESCE_S = 0.002  # an idle engine waits this long after a request arrives, so a burst is prefilled together
 
 
 class QueueFull(RuntimeError):
@@ -167,40 +172,69 @@ class _Text:
 class _Active:
     stream: Stream
     text: _Text
-    fed: list[int]  # tokens whose state is in the row: the prompt, then all new tokens but the last
+    generated: list[int] = dataclasses.field(default_factory=list)  # every new token (never cut by a stop)
+    fed: int = 0  # new tokens whose state is in the row (after every dispatched step); the prompt's always is
+
+    def fed_tokens(self) -> tuple[int, ...]:
+        return tuple(self.stream.prompt) + tuple(self.generated[:self.fed])
+
+
+@dataclasses.dataclass
+class _Step:
+    """A dispatched decode call: ``tokens [steps, slots]`` (on device, each row's new tokens), who each row
+    held when it was dispatched (None: masked) and how many steps each row runs."""
+
+    tokens: jax.Array
+    rows: list[_Active | None]
+    budget: np.ndarray
 
 
 @dataclasses.dataclass
 class _Prefill:
-    stream: Stream
-    slot: int
-    pieces: list[tuple[np.ndarray, np.ndarray]]  # (ids, valid) [1, chunk] each, in order
+    """Prompts being prefilled together: ``streams[i]`` in scratch row ``i``, bound for slot ``slots[i]``."""
+
+    streams: list[Stream]
+    slots: list[int]
+    pieces: list[tuple[np.ndarray, np.ndarray]]  # (ids, valid) [rows, size] each, in order
+    start: int = -1  # where the first piece goes (-1: the scratch's pos, as a snapshot left it)
 
 
 class Engine:
     """Continuous batching over ``slots`` decode slots for ``model`` (any ``jamba_jax.load`` model; a
     mesh shards the slot cache by the cache table's rules).
 
-    ``max_length``: the most tokens (prompt + new) of one request. ``chunk``: prompt tokens per step.
+    ``max_length``: the most tokens (prompt + new) of one request. ``chunk``: prompt tokens per row and step.
+    ``prefill_rows``: prompts prefilled together (default ``min(slots, 8)``; the scratch cache's rows).
+    ``decode_steps``: decode steps per call while every slot is busy (one otherwise, so that an arrival waits
+    for one step at most).
     ``queue_size``: requests waiting for a slot before ``submit`` raises ``QueueFull``.
     ``prefix_entries``: snapshots kept for prefix reuse (0: none)."""
 
     def __init__(self, model: Jamba, *, slots: int = 8, max_length: int = 2048, chunk: int = DEFAULT_CHUNK,
-                 queue_size: int = 64, prefix_entries: int = 8, eos: Sequence[int] | None = None):
+                 prefill_rows: int | None = None, decode_steps: int = DEFAULT_DECODE_STEPS, queue_size: int = 64,
+                 prefix_entries: int = 8, eos: Sequence[int] | None = None):
+        prefill_rows = min(slots, 8) if prefill_rows is None else prefill_rows
         for name, value, low in (("slots", slots, 1), ("max_length", max_length, 2), ("chunk", chunk, 1),
-                                 ("queue_size", queue_size, 0), ("prefix_entries", prefix_entries, 0)):
+                                 ("prefill_rows", prefill_rows, 1), ("decode_steps", decode_steps, 1),
+                                 ("queue_size", queue_size, 0),
+                                 ("prefix_entries", prefix_entries, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.model, self.spec = model, ModelSpec.of(model)
         self.slots, self.max_length, self.chunk = slots, max_length, chunk
+        self.prefill_rows = min(prefill_rows, slots)
+        self.decode_steps = decode_steps
+        # A group of n prompts runs on the first ``row_bucket(n)`` scratch rows: one program per bucket.
+        self.row_buckets = sorted({1 << b for b in range(self.prefill_rows.bit_length())
+                                   if 1 << b < self.prefill_rows} | {self.prefill_rows})
         self.queue_size, self.prefix_entries = queue_size, prefix_entries
-        self.eos = tuple(eos) if eos is not None else stop_token_ids(model)
+        self.eos = tuple(int(t) for t in eos) if eos is not None else tuple(stop_token_ids(model))
         # Rows hold at most ``span`` tokens; the cache twice that, so ``compact`` runs once every ``span`` steps.
         self.span = -(-max_length // chunk) * chunk
         self.length = 2 * self.span
         with mesh_context(model):
             self.cache = init_cache(model, slots, self.length)
-            self.scratch = init_cache(model, 1, self.length)
+            self.scratch = init_cache(model, self.prefill_rows, self.length)
         self.cache["pos"] = jnp.asarray(self.span, jnp.int32)
         self.pos = self.span
         self._active: list[_Active | None] = [None] * slots
@@ -208,6 +242,14 @@ class Engine:
         self._prefill: _Prefill | None = None
         self._waiting: collections.deque[Stream] = collections.deque()
         self._snapshots: collections.OrderedDict[tuple[int, ...], dict] = collections.OrderedDict()
+        # Decode steps are pipelined: step k+1 is dispatched before step k's tokens reach the host, so the
+        # host's work on them overlaps the device's on the next step. Each step's tokens and PRNG keys stay
+        # on the device and feed the next; rows inserted since the last step (``_fresh``) bring their first
+        # token and key from the host.
+        self._inflight: _Step | None = None
+        self._device_tokens = jnp.zeros(slots, jnp.int32)
+        self._device_keys = jnp.zeros((slots, 2), jnp.uint32)
+        self._fresh = np.zeros(slots, bool)
         self._tokens = np.zeros(slots, np.int32)
         self._key_data = np.zeros((slots, 2), np.uint32)
         self._temperature = np.zeros(slots, np.float32)
@@ -220,8 +262,11 @@ class Engine:
         self.compiles = 0  # compiles in the worker after warm-up (should stay 0)
         self.steps = 0
         self.compactions = 0
+        self.prefill_groups: collections.Counter[int] = collections.Counter()  # prompts prefilled together
+        self.decode_calls: collections.Counter[int] = collections.Counter()  # calls by decode steps per call
         self.reused_tokens = 0  # prompt tokens taken from snapshots, all requests
         self._counting = False
+        self._warming = False
         # A JAX without these hooks leaves ``compiles`` at 0.
         self._listening = hasattr(jax.monitoring, "unregister_event_duration_listener")
         if self._listening:
@@ -284,10 +329,11 @@ class Engine:
 
     def warm_up(self) -> None:
         """Runs every program once (a two-chunk request that reuses a snapshot and is cancelled after a step,
-        and one compaction), so that no request compiles; the state is left empty."""
-        vocab, eos = self.model.config.vocab_size, self.eos
+        a group of prompts for each row bucket, and one compaction), so that no request compiles; the state is
+        left empty."""
+        vocab = self.model.config.vocab_size
         prompt = [1 + i % (vocab - 1) for i in range(max(1, min(self.chunk + 1, self.max_length // 2)))]
-        self.eos, keep = (), self.prefix_entries
+        self._warming, keep = True, self.prefix_entries  # random tokens: EOS ends nothing
         self.prefix_entries = max(1, keep)
         try:
             stream = self.submit(prompt, Params(max_tokens=3, temperature=1.0, top_k=5, top_p=0.9))
@@ -298,16 +344,27 @@ class Engine:
             reuse.cancel()
             while reuse.finish_reason is None:
                 self.step()
+            self._snapshots.clear()
+            for rows in self.row_buckets[1:]:  # groups of prompts: one program per bucket
+                group = [self.submit([1 + i % (vocab - 1)], Params(max_tokens=1)) for i in range(rows)]
+                while any(s.finish_reason is None for s in group):
+                    self.step()
+            self._drain()
+            if self.decode_steps > 1:  # calls of several steps (all rows masked: nothing changes but pos)
+                self._decode_call(np.zeros(self.slots, np.int32), self.decode_steps)
             self.cache = programs.compact(self.cache, span=self.span)
-            self.scratch = programs.reset(self.scratch, np.int32(0))
             for size in {1 << b for b in range(max(self.chunk - 1, 1).bit_length())} - {self.chunk}:
                 ids, valid = np.zeros((1, size), np.int32), np.zeros((1, size), bool)  # valid: no-op pieces
-                _, self.scratch = prefill_chunk(self.model.params, self.scratch, ids, valid, spec=self.spec)
+                _, self.scratch = programs.prefill_rows(self.model.params, self.scratch, ids, valid, np.int32(0),
+                                                        spec=self.spec)
+            self.scratch = programs.reset(self.scratch, np.int32(0))
         finally:
-            self.eos, self.prefix_entries = eos, keep
+            self._warming, self.prefix_entries = False, keep
         self.pos = self.span
         self.cache["pos"] = jnp.asarray(self.span, jnp.int32)
         self._snapshots.clear()
+        self.prefill_groups.clear()
+        self.decode_calls.clear()
         self._counting = True
 
     # ---- the worker ---------------------------------------------------------------------------------------
@@ -320,10 +377,13 @@ class Engine:
         try:
             while True:
                 with self._cond:
+                    idle = not self._has_work()
                     while not self._closing and not self._has_work():
                         self._cond.wait()
                     if self._closing:
                         break
+                if idle:
+                    time.sleep(COALESCE_S)
                 self.step()
         except BaseException as e:  # noqa: BLE001 -- reported to every request, then to submit()
             self.error = e
@@ -333,69 +393,96 @@ class Engine:
 
     def _all_streams(self) -> list[Stream]:
         out = [a.stream for a in self._active if a is not None] + list(self._waiting)
-        return out + ([self._prefill.stream] if self._prefill is not None else [])
+        return out + ([s for s in self._prefill.streams if s is not None] if self._prefill is not None else [])
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or self._prefill is not None or any(a is not None for a in self._active)
-
-    def _free_slot(self) -> int | None:
-        return next((i for i, a in enumerate(self._active) if a is None and i not in self._reserved), None)
+        return (bool(self._waiting) or self._prefill is not None or self._inflight is not None
+                or any(a is not None for a in self._active))
 
     def step(self) -> None:
-        """One scheduling step: drop cancelled requests, run a prefill chunk, then one decode step."""
+        """One scheduling step: drop cancelled requests, run a prefill chunk, dispatch one decode step, then
+        take the tokens of the step dispatched before it (so the host's work overlaps the device's)."""
         self._drop_cancelled()
         with mesh_context(self.model):
             if self._prefill is None:
                 self._admit()
             if self._prefill is not None:
                 self._prefill_step()
-            if any(a is not None for a in self._active):
-                self._decode()
+            done, self._inflight = self._inflight, self._dispatch(self._inflight)
+            if done is not None:
+                self._take(done)
         self.steps += 1
+
+    def _drain(self) -> None:
+        """Takes the tokens of the step in flight, if any."""
+        done, self._inflight = self._inflight, None
+        if done is not None:
+            self._take(done)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
             for stream in [s for s in self._waiting if s.cancelled]:
                 self._waiting.remove(stream)
                 self._finish_stream(stream, "cancelled", None)
-        if self._prefill is not None and self._prefill.stream.cancelled:
-            self._reserved.discard(self._prefill.slot)
-            self._finish_stream(self._prefill.stream, "cancelled", None)
-            self._prefill = None
+        job = self._prefill
+        if job is not None:
+            for i, stream in enumerate(job.streams):
+                if stream is not None and stream.cancelled:
+                    job.streams[i] = None  # its row runs on with the group, then is dropped
+                    self._reserved.discard(job.slots[i])
+                    self._finish_stream(stream, "cancelled", None)
+            if not any(job.streams):
+                self._end_prefill()
         for slot, active in enumerate(self._active):
             if active is not None and active.stream.cancelled:
                 self._release(slot, "cancelled")
 
-    def _admit(self) -> None:
-        with self._cond:
-            slot = self._free_slot()
-            if slot is None or not self._waiting:
-                return
-            stream = self._waiting.popleft()
-        ids = stream.prompt
-        base = max((t for t in self._snapshots if len(t) < len(ids) and tuple(ids[:len(t)]) == t),
+    def _base(self, ids: list[int]) -> tuple[int, ...] | None:
+        """The longest snapshot whose tokens ``ids`` extends (None: no snapshot)."""
+        return max((t for t in self._snapshots if len(t) < len(ids) and tuple(ids[:len(t)]) == t),
                    key=len, default=None)
-        rest = np.asarray(ids[len(base):] if base is not None else ids, np.int32)[None]
+
+    def _admit(self) -> None:
+        """Starts prefilling the next waiting prompts: one that extends a snapshot alone (from the snapshot),
+        else up to ``prefill_rows`` fresh ones (as many as there are free slots) together."""
+        with self._cond:
+            free = [i for i, a in enumerate(self._active) if a is None and i not in self._reserved]
+            group, base = [], None
+            while self._waiting and len(group) < min(len(free), self.prefill_rows):
+                found = self._base(self._waiting[0].prompt)
+                if found is not None and group:
+                    break  # a snapshot's continuation starts the next group, alone
+                group.append(self._waiting.popleft())
+                if found is not None:
+                    base = found
+                    break
+        if not group:
+            return
+        slots = free[:len(group)]
+        self._reserved.update(slots)
         if base is not None:
             # Padding is exact only before a sequence's first token (the conv would see its zeros), so the
             # rest of a prompt that continues a snapshot goes in unpadded pieces: whole chunks, then powers of two.
+            stream = group[0]
+            rest = np.asarray(stream.prompt[len(base):], np.int32)[None]
             self._snapshots.move_to_end(base)
             self.scratch = programs.restore(self.scratch, self._snapshots[base])
             stream.reused_tokens = len(base)
             self.reused_tokens += len(base)
-            sizes = self._piece_sizes(rest.shape[1])
-            starts = np.cumsum([0, *sizes])
+            starts = np.cumsum([0, *self._piece_sizes(rest.shape[1])])
             pieces = [(rest[:, a:b], np.ones((1, b - a), bool)) for a, b in zip(starts, starts[1:])]
+            start = -1  # where the snapshot ends
         else:
-            padded = -(-rest.shape[1] // self.chunk) * self.chunk
-            self.scratch = programs.reset(self.scratch, np.int32(self.span - padded))
-            row_ids = np.zeros((1, padded), np.int32)
-            row_valid = np.zeros((1, padded), bool)
-            row_ids[:, padded - rest.shape[1]:], row_valid[:, padded - rest.shape[1]:] = rest, True
-            pieces = [(row_ids[:, i:i + self.chunk], row_valid[:, i:i + self.chunk])
-                      for i in range(0, padded, self.chunk)]
-        self._reserved.add(slot)
-        self._prefill = _Prefill(stream, slot, pieces)
+            rows = next(b for b in self.row_buckets if b >= len(group))
+            padded = -(-max(len(s.prompt) for s in group) // self.chunk) * self.chunk
+            start = self.span - padded  # the scratch is empty (``_end_prefill``)
+            ids, valid = np.zeros((rows, padded), np.int32), np.zeros((rows, padded), bool)
+            for row, stream in enumerate(group):
+                ids[row, padded - len(stream.prompt):] = stream.prompt
+                valid[row, padded - len(stream.prompt):] = True
+            pieces = [(ids[:, i:i + self.chunk], valid[:, i:i + self.chunk]) for i in range(0, padded, self.chunk)]
+        self._prefill = _Prefill(group, slots, pieces, start)
+        self.prefill_groups[len(group)] += 1
 
     def _piece_sizes(self, n: int) -> list[int]:
         """Unpadded piece lengths for ``n`` tokens: whole chunks, then the binary digits of the rest."""
@@ -405,48 +492,99 @@ class Engine:
     def _prefill_step(self) -> None:
         job = self._prefill
         ids, valid = job.pieces.pop(0)
-        logits, self.scratch = prefill_chunk(self.model.params, self.scratch, ids, valid, spec=self.spec)
+        logits, self.scratch = programs.prefill_rows(self.model.params, self.scratch, ids, valid,
+                                                     np.int32(job.start), spec=self.spec)
+        job.start = -1
         if job.pieces:
             return
         self._prefill = None
-        stream, p = job.stream, job.stream.params
-        token, key_data = programs.first_token(logits, np.array([p.seed], np.int32),
-                                               np.array([p.temperature], np.float32),
-                                               np.array([p.top_k or 0], np.int32),
-                                               np.array([p.top_p or 1.0], np.float32))
-        self._snapshot(tuple(stream.prompt), self.scratch, 0)
-        active = _Active(stream, _Text(self.model.tokenizer, p.stop), list(stream.prompt))
-        stream.first_token_at = time.perf_counter()
-        if self._accept(active, int(np.asarray(token)[0])):
-            self._reserved.discard(job.slot)
-            return
-        self.cache = programs.insert(self.cache, self.scratch, np.int32(job.slot))
-        self._active[job.slot] = active
-        self._reserved.discard(job.slot)  # held until now, so the slot counts as busy throughout
-        self._tokens[job.slot] = active.stream.tokens[-1]
-        self._key_data[job.slot] = np.asarray(key_data)[0]
-        self._temperature[job.slot] = p.temperature
-        self._top_k[job.slot] = p.top_k or 0
-        self._top_p[job.slot] = p.top_p or 1.0
+        rows = ids.shape[0]
+        settings = [s.params if s is not None else Params() for s in job.streams]
+        settings += [Params()] * (rows - len(settings))
+        tokens, key_data = programs.first_token(logits, np.array([p.seed for p in settings], np.int32),
+                                                np.array([p.temperature for p in settings], np.float32),
+                                                np.array([p.top_k or 0 for p in settings], np.int32),
+                                                np.array([p.top_p or 1.0 for p in settings], np.float32))
+        tokens, key_data = np.asarray(tokens), np.asarray(key_data)
+        admitted = []
+        for row, (stream, slot) in enumerate(zip(job.streams, job.slots)):
+            if stream is None:
+                continue
+            active = _Active(stream, _Text(self.model.tokenizer, stream.params.stop))
+            stream.first_token_at = time.perf_counter()
+            if self._accept(active, int(tokens[row])):
+                self._reserved.discard(slot)
+            else:
+                admitted.append((row, slot, active))
+        # The first tokens are out; now the copies: each prompt's snapshot and its row into its slot.
+        for row, stream in enumerate(job.streams):
+            if stream is not None:
+                self._snapshot(tuple(stream.prompt), self.scratch, row)
+        for row, slot, active in admitted:
+            self.cache = programs.insert(self.cache, self.scratch, np.int32(row), np.int32(slot))
+            self._active[slot] = active
+            self._reserved.discard(slot)  # held until now, so the slot counts as busy throughout
+            self._fresh[slot] = True
+            self._tokens[slot] = active.stream.tokens[-1]
+            self._key_data[slot] = key_data[row]
+            self._temperature[slot] = active.stream.params.temperature
+            self._top_k[slot] = active.stream.params.top_k or 0
+            self._top_p[slot] = active.stream.params.top_p or 1.0
+        self._end_prefill()
 
-    def _decode(self) -> None:
-        self._compact_if_full()
-        active = np.array([a is not None for a in self._active])
-        tokens, key_data, self.cache = programs.decode_and_sample(
-            self.model.params, self.cache, self._tokens, active, self._key_data, self._temperature,
-            self._top_k, self._top_p, spec=self.spec)
-        self.pos += 1
-        tokens, self._key_data = np.asarray(tokens), np.array(key_data)
+    def _end_prefill(self) -> None:
+        """No prompt is being prefilled; the scratch is emptied for the next (off the first tokens' path)."""
+        self._prefill = None
+        self.scratch = programs.reset(self.scratch, np.int32(0))
+
+    def _dispatch(self, inflight: _Step | None) -> _Step | None:
+        """Dispatches decode steps of every row that needs them (None: no row does): ``decode_steps`` of them
+        when no slot is free and no prompt is being prefilled (nothing could be admitted meanwhile), else one.
+        A row in the call in flight goes on from that call's last token, unknown here yet; each row runs
+        only the steps that its ``max_tokens`` leaves (its last token is never fed)."""
+        budget = np.zeros(self.slots, np.int32)
         for slot, a in enumerate(self._active):
-            if a is None:
-                continue
-            a.fed.append(int(self._tokens[slot]))
-            if self._accept(a, int(tokens[slot]), slot):
-                continue
-            self._tokens[slot] = tokens[slot]
+            if a is not None:
+                pending = inflight.budget[slot] if inflight is not None and inflight.rows[slot] is a else 0
+                budget[slot] = max(0, a.stream.params.max_tokens - len(a.generated) - pending)
+        if not budget.any():
+            return None
+        full = self._prefill is None and all(a is not None or i in self._reserved for i, a in enumerate(self._active))
+        steps = self.decode_steps if full and self.pos + self.decode_steps <= self.length else 1
+        self._compact_if_full()
+        budget = np.minimum(budget, steps)
+        new = self._decode_call(budget, steps)
+        rows = [a if b else None for a, b in zip(self._active, budget)]
+        for a, b in zip(rows, budget):
+            if a is not None:
+                a.fed += int(b)
+        return _Step(new, rows, budget)
+
+    def _decode_call(self, budget: np.ndarray, steps: int) -> jax.Array:
+        """Runs ``slots.decode_steps`` on the slot cache (``budget [slots]`` steps a row); its new tokens."""
+        # Copies: the call may read its host arguments after it returns (on CPU without copying them), and
+        # these arrays change in place.
+        host = [a.copy() for a in (self._fresh, self._tokens, self._key_data, budget, self._temperature,
+                                   self._top_k, self._top_p)]
+        new, self._device_tokens, self._device_keys, self.cache = programs.decode_steps(
+            self.model.params, self.cache, self._device_tokens, self._device_keys, *host, spec=self.spec,
+            steps=steps, eos=self.eos)
+        self._fresh[:] = False
+        self.pos += steps
+        self.decode_calls[steps] += 1
+        return new
+
+    def _take(self, step: _Step) -> None:
+        """Hands each row's new tokens from ``step`` to its request, in order (a row freed meanwhile, or
+        finished by one of them, takes no more)."""
+        new = np.asarray(step.tokens)
+        for j in range(new.shape[0]):
+            for slot, a in enumerate(step.rows):
+                if a is not None and j < step.budget[slot] and self._active[slot] is a:
+                    self._accept(a, int(new[j, slot]), slot)
 
     def _compact_if_full(self) -> None:
-        if self.pos >= self.length:
+        if self.pos >= self.length:  # (calls of several steps end at the cache's end at the latest)
             self.cache = programs.compact(self.cache, span=self.span)
             self.pos -= self.span
             self.compactions += 1
@@ -455,13 +593,15 @@ class Engine:
         """Adds a new token to a request; True (and the request finished, its slot freed) when it ends."""
         stream = active.stream
         stream.tokens.append(token)
+        active.generated.append(token)
         text, keep = active.text.update(stream.tokens)
         reason = None
         if keep is not None:
             del stream.tokens[keep:]
             reason = "stop"
-        elif token in self.eos:
+        elif token in self.eos and not self._warming:
             reason = "stop"
+            active.fed = min(active.fed, len(active.generated) - 1)  # the device never feeds an EOS
         elif len(stream.tokens) >= stream.params.max_tokens:
             reason = "length"
         if reason is None:
@@ -478,8 +618,8 @@ class Engine:
     def _release(self, slot: int, reason: str) -> None:
         active = self._active[slot]
         self._active[slot] = None
-        if active.fed and len(active.fed) > len(active.stream.prompt):
-            self._snapshot(tuple(active.fed), self.cache, slot)
+        if 0 < active.fed <= len(active.generated):  # else the state holds tokens still in flight
+            self._snapshot(active.fed_tokens(), self.cache, slot)
         self._finish_stream(active.stream, reason, active.text)
 
     def _finish_stream(self, stream: Stream, reason: str, text: _Text | None) -> None:

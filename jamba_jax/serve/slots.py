@@ -3,14 +3,15 @@
 
 Jamba's attention has no positional encoding, so where a row's keys sit in the cache does not matter,
 only which slots hold them (``valid``) and that they precede the write position ``pos``. The rows share
-``pos`` (the cache table's one write position): every request's tokens end at ``pos``. A prompt is
-prefilled into a one-row scratch cache and then copied into its row, shifted so that it ends at the
-slot cache's ``pos``; when ``pos`` reaches the end of the cache, every row is moved back by ``span``
-(``compact``), which holds all live tokens because no request is longer than ``span``. Every program has
-fixed shapes: requests coming and going compile nothing.
+``pos`` (the cache table's one write position): every request's tokens end at ``pos``. Prompts are
+prefilled into a scratch cache of a few rows (``prefill_rows``: several prompts in one call, left-padded
+to a common length) and each row is then copied into its slot, shifted so that it ends at the slot
+cache's ``pos`` (``insert``); when ``pos`` reaches the end of the cache, every row is moved back by
+``span`` (``compact``), which holds all live tokens because no request is longer than ``span``. Every
+program has fixed shapes: requests coming and going compile nothing.
 
 Row snapshots (``take_row``) are one-row caches whose tokens end at position ``span``; they seed the
-scratch cache when a new prompt extends a snapshot's tokens (prefix reuse).
+scratch cache's first row when a new prompt extends a snapshot's tokens (prefix reuse).
 """
 
 from __future__ import annotations
@@ -47,16 +48,16 @@ def _moved_row(path, leaf, row, shift):
 
 
 @functools.partial(jax.jit, donate_argnames="cache")
-def insert(cache: dict, scratch: dict, slot):
-    """``cache`` with row ``slot`` replaced by ``scratch``'s one row (K/V, valid, conv and ssm state),
+def insert(cache: dict, scratch: dict, row, slot):
+    """``cache`` with row ``slot`` replaced by ``scratch``'s row ``row`` (K/V, valid, conv and ssm state),
     shifted so that its tokens end at ``cache["pos"]``."""
     shift = cache["pos"] - scratch["pos"]
 
-    def put(path, leaf, one):
+    def put(path, leaf, rows):
         batch, _ = _axes(path, leaf)
         if batch is None:
             return leaf
-        return jax.lax.dynamic_update_slice_in_dim(leaf, _moved_row(path, one, 0, shift).astype(leaf.dtype),
+        return jax.lax.dynamic_update_slice_in_dim(leaf, _moved_row(path, rows, row, shift).astype(leaf.dtype),
                                                    slot, axis=batch)
 
     return jax.tree_util.tree_map_with_path(put, cache, scratch)
@@ -72,13 +73,46 @@ def take_row(cache: dict, row, *, span: int) -> dict:
 
 @functools.partial(jax.jit, donate_argnames="scratch")
 def restore(scratch: dict, snapshot: dict) -> dict:
-    """A copy of ``snapshot`` in place of ``scratch`` (whose buffers are reused)."""
-    return jax.tree.map(lambda old, new: new.astype(old.dtype) + jnp.zeros_like(old), scratch, snapshot)
+    """``scratch`` with its first row replaced by the one-row ``snapshot`` and its ``pos`` set to the
+    snapshot's (the other rows keep stale contents: a snapshot seeds one-row prefills only)."""
+    def put(path, leaf, one):
+        batch, _ = _axes(path, leaf)
+        if batch is None:
+            return one.astype(leaf.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(leaf, one.astype(leaf.dtype), 0, axis=batch)
+
+    return jax.tree_util.tree_map_with_path(put, scratch, snapshot)
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnames="scratch")
+def prefill_rows(params, scratch, ids, valid, start, *, spec: ModelSpec):
+    """One prefill chunk of ``ids, valid [rows, n]`` into the first ``rows`` rows of ``scratch`` (all of
+    them when ``rows`` is its row count; the others keep their contents), written from position ``start``
+    (int32; -1: the scratch's ``pos``), after which ``pos`` is ``n`` further: ``(logits [rows, vocab]`` of
+    each row's last position, ``scratch)``. Compiled per ``rows``, so a lone prompt costs one row's compute,
+    not the scratch's."""
+    rows = ids.shape[0]
+    scratch = {**scratch, "pos": jnp.where(start >= 0, start, scratch["pos"]).astype(jnp.int32)}
+    if rows == scratch["valid"].shape[0]:
+        return apply_step(params, scratch, ids, valid, spec=spec)
+
+    def first(path, leaf):
+        batch, _ = _axes(path, leaf)
+        return leaf if batch is None else jax.lax.slice_in_dim(leaf, 0, rows, axis=batch)
+
+    logits, part = apply_step(params, jax.tree_util.tree_map_with_path(first, scratch), ids, valid, spec=spec)
+
+    def put(path, leaf, new):
+        batch, _ = _axes(path, leaf)
+        return new if batch is None else jax.lax.dynamic_update_slice_in_dim(leaf, new, 0, axis=batch)
+
+    return logits, jax.tree_util.tree_map_with_path(put, scratch, part)
 
 
 @functools.partial(jax.jit, donate_argnames="scratch")
 def reset(scratch: dict, start) -> dict:
-    """``scratch`` emptied (no valid slot, zero state), its write position at ``start``."""
+    """``scratch`` emptied (no valid slot, zero state), its write position at ``start``. Prompts are
+    prefilled (left-padded) only into an empty scratch: padding is exact before a sequence's first token."""
     out = jax.tree.map(jnp.zeros_like, scratch)
     return {**out, "pos": jnp.asarray(start, jnp.int32)}
 
@@ -138,10 +172,28 @@ def first_token(logits, seeds, temperature, top_k, top_p):
     return sample_rows(logits, sub, temperature, top_k, top_p), key_data
 
 
-@functools.partial(jax.jit, static_argnames="spec", donate_argnames="cache")
-def decode_and_sample(params, cache, tokens, active, key_data, temperature, top_k, top_p, *, spec: ModelSpec):
-    """One decode step of every row (``tokens [rows]``; rows not ``active`` are masked out and leave their
-    state untouched) and each row's next token: ``(tokens [rows], key data [rows, 2], cache)``."""
-    key_data, sub = _split(key_data)
-    logits, cache = apply_step(params, cache, tokens[:, None], active[:, None], spec=spec)
-    return sample_rows(logits, sub, temperature, top_k, top_p), key_data, cache
+@functools.partial(jax.jit, static_argnames=("spec", "steps", "eos"), donate_argnames="cache")
+def decode_steps(params, cache, tokens, key_data, fresh, fresh_tokens, fresh_key_data, budget, temperature, top_k,
+                 top_p, *, spec: ModelSpec, steps: int, eos: tuple[int, ...]):
+    """``steps`` decode steps of every row, each row sampling its next token with its own settings:
+    ``(new tokens [steps, rows], last tokens [rows], key data [rows, 2], cache)``.
+
+    Row ``i`` starts from ``tokens[i]`` with PRNG ``key_data[i]`` (the previous call's outputs, left on the
+    device), or from ``fresh_tokens[i]`` and ``fresh_key_data[i]`` where ``fresh[i]`` (a row just inserted).
+    It runs at most ``budget[i]`` steps (0: masked throughout) and stops before feeding a token of ``eos``;
+    a row that is not running is masked out, its state untouched and its new tokens meaningless. Each
+    running step splits the row's key once, as ``generate`` does."""
+    tokens = jnp.where(fresh, fresh_tokens, tokens)
+    key_data = jnp.where(fresh[:, None], fresh_key_data, key_data)
+    stop = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    def one(carry, j):
+        tokens, key_data, cache = carry
+        running = (j < budget) & ~jnp.isin(tokens, stop)
+        key_data, sub = _split(key_data)
+        logits, cache = apply_step(params, cache, tokens[:, None], running[:, None], spec=spec)
+        new = sample_rows(logits, sub, temperature, top_k, top_p)
+        return (jnp.where(running, new, tokens), key_data, cache), new
+
+    (tokens, key_data, cache), new = jax.lax.scan(one, (tokens, key_data, cache), jnp.arange(steps))
+    return new, tokens, key_data, cache
