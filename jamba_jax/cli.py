@@ -289,6 +289,8 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--chunk", type=int, default=None, help="prompt tokens prefilled per step (default 128)")
     serve.add_argument("--prefill-rows", type=int, default=None,
                        help="prompts prefilled together in one step (default: --max-batch, at most 8)")
+    serve.add_argument("--decode-steps", type=int, default=None,
+                       help="decode steps per call while every slot is busy (default 4)")
     serve.add_argument("--queue-size", type=int, default=64, help="requests waiting for a slot before 429")
     serve.add_argument("--prefix-entries", type=int, default=8, help="snapshots kept for prefix reuse (0: none)")
     serve.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the directory's)")
@@ -307,7 +309,7 @@ def add_serve_parser(sub) -> None:
 
         from .api import load
         from .compilation_cache import enable_compilation_cache
-        from .serve.engine import DEFAULT_CHUNK, Engine
+        from .serve.engine import DEFAULT_CHUNK, DEFAULT_DECODE_STEPS, Engine
         from .serve.server import serve as run_server
 
         if not 0 <= args.port < 65536:
@@ -315,6 +317,7 @@ def add_serve_parser(sub) -> None:
         for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-length", args.max_length, 2),
                                  ("--chunk", 1 if args.chunk is None else args.chunk, 1),
                                  ("--prefill-rows", 1 if args.prefill_rows is None else args.prefill_rows, 1),
+                                 ("--decode-steps", 1 if args.decode_steps is None else args.decode_steps, 1),
                                  ("--queue-size", args.queue_size, 0),
                                  ("--prefix-entries", args.prefix_entries, 0)):
             if value < low:
@@ -336,7 +339,8 @@ def add_serve_parser(sub) -> None:
             mesh = make_mesh(None if args.mesh == 0 else args.mesh, expert=args.expert)
         model = load(args.checkpoint, dtype=args.dtype, kernels=args.kernels, quantize=args.quantize, mesh=mesh)
         engine = Engine(model, slots=args.max_batch, max_length=args.max_length,
-                        chunk=args.chunk or DEFAULT_CHUNK, prefill_rows=args.prefill_rows, queue_size=args.queue_size,
+                        chunk=args.chunk or DEFAULT_CHUNK, prefill_rows=args.prefill_rows,
+                        decode_steps=args.decode_steps or DEFAULT_DECODE_STEPS, queue_size=args.queue_size,
                         prefix_entries=args.prefix_entries)
         start = time.perf_counter()
         engine.start()

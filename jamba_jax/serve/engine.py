@@ -400,8 +400,10 @@ class Engine:
                 or any(a is not None for a in self._active))
 
     def step(self) -> None:
-        """One scheduling step: drop cancelled requests, run a prefill chunk, dispatch one decode step, then
-        take the tokens of the step dispatched before it (so the host's work overlaps the device's)."""
+        """One scheduling step: drop cancelled requests, run a prefill chunk, dispatch a decode call, then take
+        the tokens of the call dispatched before it (so the host's work overlaps the device's). While a slot
+        is free the new call's tokens are taken too: a request arriving meanwhile then waits for one decode
+        step at most, not for the one in flight and the one queued behind it."""
         self._drop_cancelled()
         with mesh_context(self.model):
             if self._prefill is None:
@@ -411,7 +413,13 @@ class Engine:
             done, self._inflight = self._inflight, self._dispatch(self._inflight)
             if done is not None:
                 self._take(done)
+            if not self._slots_full():
+                self._drain()
         self.steps += 1
+
+    def _slots_full(self) -> bool:
+        """Every slot holds a request or is reserved for one being prefilled: nothing can be admitted."""
+        return all(a is not None or i in self._reserved for i, a in enumerate(self._active))
 
     def _drain(self) -> None:
         """Takes the tokens of the step in flight, if any."""
@@ -549,7 +557,7 @@ class Engine:
                 budget[slot] = max(0, a.stream.params.max_tokens - len(a.generated) - pending)
         if not budget.any():
             return None
-        full = self._prefill is None and all(a is not None or i in self._reserved for i, a in enumerate(self._active))
+        full = self._prefill is None and self._slots_full()
         steps = self.decode_steps if full and self.pos + self.decode_steps <= self.length else 1
         self._compact_if_full()
         budget = np.minimum(budget, steps)
