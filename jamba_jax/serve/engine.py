@@ -235,6 +235,7 @@ class Engine:
         with mesh_context(model):
             self.cache = init_cache(model, slots, self.length)
             self.scratch = init_cache(model, self.prefill_rows, self.length)
+        self._reset = programs.resetter(self.scratch)
         self.cache["pos"] = jnp.asarray(self.span, jnp.int32)
         self.pos = self.span
         self._active: list[_Active | None] = [None] * slots
@@ -331,33 +332,12 @@ class Engine:
         """Runs every program once (a two-chunk request that reuses a snapshot and is cancelled after a step,
         a group of prompts for each row bucket, and one compaction), so that no request compiles; the state is
         left empty."""
-        vocab = self.model.config.vocab_size
-        prompt = [1 + i % (vocab - 1) for i in range(max(1, min(self.chunk + 1, self.max_length // 2)))]
         self._warming, keep = True, self.prefix_entries  # random tokens: EOS ends nothing
         self.prefix_entries = max(1, keep)
         try:
-            stream = self.submit(prompt, Params(max_tokens=3, temperature=1.0, top_k=5, top_p=0.9))
-            while stream.finish_reason is None:
-                self.step()
-            reuse = self.submit(prompt + stream.tokens[:-1] + [1], Params(max_tokens=2))
-            self.step()
-            reuse.cancel()
-            while reuse.finish_reason is None:
-                self.step()
-            self._snapshots.clear()
-            for rows in self.row_buckets[1:]:  # groups of prompts: one program per bucket
-                group = [self.submit([1 + i % (vocab - 1)], Params(max_tokens=1)) for i in range(rows)]
-                while any(s.finish_reason is None for s in group):
-                    self.step()
-            self._drain()
-            if self.decode_steps > 1:  # calls of several steps (all rows masked: nothing changes but pos)
-                self._decode_call(np.zeros(self.slots, np.int32), self.decode_steps)
-            self.cache = programs.compact(self.cache, span=self.span)
-            for size in {1 << b for b in range(max(self.chunk - 1, 1).bit_length())} - {self.chunk}:
-                ids, valid = np.zeros((1, size), np.int32), np.zeros((1, size), bool)  # valid: no-op pieces
-                _, self.scratch = programs.prefill_rows(self.model.params, self.scratch, ids, valid, np.int32(0),
-                                                        spec=self.spec)
-            self.scratch = programs.reset(self.scratch, np.int32(0))
+            # Under the mesh, as step() runs them: a program traced outside it is another cache entry.
+            with mesh_context(self.model):
+                self._run_every_program()
         finally:
             self._warming, self.prefix_entries = False, keep
         self.pos = self.span
@@ -366,6 +346,32 @@ class Engine:
         self.prefill_groups.clear()
         self.decode_calls.clear()
         self._counting = True
+
+    def _run_every_program(self) -> None:
+        vocab = self.model.config.vocab_size
+        prompt = [1 + i % (vocab - 1) for i in range(max(1, min(self.chunk + 1, self.max_length // 2)))]
+        stream = self.submit(prompt, Params(max_tokens=3, temperature=1.0, top_k=5, top_p=0.9))
+        while stream.finish_reason is None:
+            self.step()
+        reuse = self.submit(prompt + stream.tokens[:-1] + [1], Params(max_tokens=2))
+        self.step()
+        reuse.cancel()
+        while reuse.finish_reason is None:
+            self.step()
+        self._snapshots.clear()
+        for rows in self.row_buckets[1:]:  # groups of prompts: one program per bucket
+            group = [self.submit([1 + i % (vocab - 1)], Params(max_tokens=1)) for i in range(rows)]
+            while any(s.finish_reason is None for s in group):
+                self.step()
+        self._drain()
+        if self.decode_steps > 1:  # calls of several steps (all rows masked: nothing changes but pos)
+            self._decode_call(np.zeros(self.slots, np.int32), self.decode_steps)
+        self.cache = programs.compact(self.cache, span=self.span)
+        for size in {1 << b for b in range(max(self.chunk - 1, 1).bit_length())} - {self.chunk}:
+            ids, valid = np.zeros((1, size), np.int32), np.zeros((1, size), bool)  # valid: no-op pieces
+            _, self.scratch = programs.prefill_rows(self.model.params, self.scratch, ids, valid, np.int32(0),
+                                                    spec=self.spec)
+        self.scratch = self._reset(self.scratch, np.int32(0))
 
     # ---- the worker ---------------------------------------------------------------------------------------
 
@@ -543,7 +549,7 @@ class Engine:
     def _end_prefill(self) -> None:
         """No prompt is being prefilled; the scratch is emptied for the next (off the first tokens' path)."""
         self._prefill = None
-        self.scratch = programs.reset(self.scratch, np.int32(0))
+        self.scratch = self._reset(self.scratch, np.int32(0))
 
     def _dispatch(self, inflight: _Step | None) -> _Step | None:
         """Dispatches decode steps of every row that needs them (None: no row does): ``decode_steps`` of them

@@ -109,12 +109,18 @@ def prefill_rows(params, scratch, ids, valid, start, *, spec: ModelSpec):
     return logits, jax.tree_util.tree_map_with_path(put, scratch, part)
 
 
-@functools.partial(jax.jit, donate_argnames="scratch")
-def reset(scratch: dict, start) -> dict:
-    """``scratch`` emptied (no valid slot, zero state), its write position at ``start``. Prompts are
-    prefilled (left-padded) only into an empty scratch: padding is exact before a sequence's first token."""
-    out = jax.tree.map(jnp.zeros_like, scratch)
-    return {**out, "pos": jnp.asarray(start, jnp.int32)}
+def resetter(scratch: dict):
+    """A compiled ``reset(scratch, start)``: ``scratch`` emptied (no valid slot, zero state), its write
+    position at ``start``, each leaf keeping ``scratch``'s sharding (zeros made from nothing would come out
+    replicated, and a program fed them would compile again for the new shardings). Prompts are prefilled
+    (left-padded) only into an empty scratch: padding is exact before a sequence's first token."""
+    def reset(scratch: dict, start) -> dict:
+        out = jax.tree.map(jnp.zeros_like, scratch)
+        return {**out, "pos": jnp.asarray(start, jnp.int32)}
+
+    if not any(a.committed for a in jax.tree.leaves(scratch)):  # one device, uncommitted: keep it so
+        return jax.jit(reset, donate_argnums=0)
+    return jax.jit(reset, donate_argnums=0, out_shardings=jax.tree.map(lambda a: a.sharding, scratch))
 
 
 @functools.partial(jax.jit, static_argnames="span", donate_argnames="cache")
