@@ -254,3 +254,17 @@ def test_sharded_restore_verifies_checksums_from_shards(made):
     out = subprocess.run([sys.executable, "-c", SHARDED_VERIFY, str(made / "converted"), str(made / "int8")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_read_staging_cap():
+    """A restore's reads in flight: 1/16 of what the process reads, at most 1 GiB, always above the
+    largest leaf (Orbax refuses a leaf that is not below the cap)."""
+    import jax
+
+    from jamba_jax.convert.orbax_checkpoint import READ_STAGING_MAX, read_staging_bytes
+
+    small = {("a", str(i)): np.empty((256, 1024), np.float32) for i in range(100)}  # 100 x 1 MiB
+    assert read_staging_bytes(small) == 100 * 2**20 // 16
+    assert read_staging_bytes({**small, ("big",): np.empty((64 << 20,), np.uint8)}) == (64 << 20) + 1
+    huge = {("a", str(i)): jax.ShapeDtypeStruct((2**19, 256), np.float32) for i in range(64)}  # 64 x 0.5 GiB
+    assert read_staging_bytes(huge) == READ_STAGING_MAX

@@ -25,9 +25,10 @@ WORKER = Path(__file__).with_name("multiprocess_worker.py")
 ROOT = WORKER.parent.parent
 TOL = 1e-5
 MESHES = ("1x2x4", "2x1x4")  # (data, expert, tensor)
-# The memory check's checkpoint (98 MB fp32): an embedding, LM head and expert weights split over the
-# tensor axis dominate it, as in the released models.
-MEMORY_CONFIG = dict(HF_CONFIGS["released_plan"], vocab_size=8192, hidden_size=256, intermediate_size=1024,
+# The memory check's checkpoint (180 MB fp32): an embedding, LM head and expert weights split over the
+# tensor axis dominate it, as in the released models. Large enough that a load's fixed staging (Orbax and
+# tensorstore: ~15-25 MB a process, whatever its share) does not decide the ratio.
+MEMORY_CONFIG = dict(HF_CONFIGS["released_plan"], vocab_size=16384, hidden_size=256, intermediate_size=2048,
                      num_attention_heads=8, num_key_value_heads=8, mamba_d_state=8, mamba_dt_rank=16)
 
 
@@ -142,10 +143,10 @@ def test_two_processes_equal_one_process_and_hf(checkpoints, tmp_path):
 
 @pytest.mark.slow
 def test_each_process_reads_only_its_shards(checkpoints, tmp_path):
-    """Peak resident memory added while loading a 98 MB checkpoint split 8 ways over the tensor axis:
-    each of 2 processes (4 devices each) at most 0.6x of one process with all 8 devices from HF safetensors,
-    0.75x from a converted checkpoint (after a first load of the small checkpoint of the same kind, see
-    the worker)."""
+    """Peak resident memory added while loading a 180 MB checkpoint split 8 ways over the tensor axis:
+    each of 2 processes (4 devices each) at most 0.6x of one process with all 8 devices, from HF
+    safetensors and from a converted checkpoint (after a first load of the small checkpoint of the same
+    kind, see the worker)."""
     from jamba_jax.cli import main
 
     root, _ = checkpoints
@@ -156,15 +157,15 @@ def test_each_process_reads_only_its_shards(checkpoints, tmp_path):
         args = ("load_memory", str(tmp_path / kind), "1,1,8", str(root / kind))
         one = finish(start(1, 8, tmp_path / "out", *args))[0]
         two = finish(start(2, 4, tmp_path / "out", *args))
-        assert one["model"] > 70e6 and one["held"] >= one["model"], one  # replicated leaves counted per device
+        assert one["model"] > 150e6 and one["held"] >= one["model"], one  # replicated leaves counted per device
         for r in two:
             assert r["held"] < 0.55 * one["model"], r  # half the split leaves, plus small replicated ones
         ratios[kind] = [r["peak_growth"] / one["peak_growth"] for r in two]
         print(kind, "one process:", one, "two:", two, "ratios:", ratios[kind])
+    # Measured: 0.51 from HF, 0.52-0.56 converted (Orbax's staging varies from run to run); with the
+    # 98 MB checkpoint used before, 0.52-0.67 converted. A process reading every leaf whole would be near 1.
     assert max(ratios["hf"]) <= 0.6, ratios
-    # Orbax reads all leaves concurrently and its staging varies from run to run (16-30 MB a process here,
-    # whatever the shard): 0.52-0.67 over 8 runs. A process reading every leaf whole would be near 1.
-    assert max(ratios["converted"]) <= 0.75, ratios
+    assert max(ratios["converted"]) <= 0.6, ratios
 
 
 @pytest.mark.slow
