@@ -185,6 +185,34 @@ def test_bad_requests_and_a_full_queue(model):
     engine.close()
 
 
+def test_streamed_text_equals_the_whole_decode(model):
+    """A request's text built token by token (with stop strings and held-back partial characters) equals
+    the tokenizer's decode of all its tokens, cut before the first stop string."""
+    from jamba_jax.serve.engine import _Text
+
+    tok, rng = model.tokenizer, np.random.default_rng(0)
+    words = tok.encode("Wörter — ünïcödé 日本語 text\n  with  spaces, 🙂 and tabs\t" * 3).ids
+    for trial in range(40):
+        n = int(rng.integers(2, 60))
+        ids = words[:n] if trial % 2 else rng.integers(0, tok.get_vocab_size(), n).tolist()
+        full = tok.decode(ids)
+        start = int(rng.integers(0, max(1, len(full) - 3)))
+        stop = () if trial % 3 == 0 or len(full) < 4 else (full[start:start + int(rng.integers(1, 4))],)
+        text, out, keep = _Text(tok, stop), "", None
+        for i in range(1, len(ids) + 1):
+            new, keep = text.update(ids[:i])
+            out += new
+            if keep is not None:
+                break
+        if keep is None:
+            out += text.final(ids)
+            assert not stop or stop[0] not in full.rstrip("\ufffd"), (trial, stop)
+            assert out == full.rstrip("\ufffd") or out == full, trial
+        else:
+            assert out == full[:full.find(stop[0])], trial
+            assert stop[0] not in tok.decode(ids[:keep]) and stop[0] in tok.decode(ids[:keep + 1]), trial
+
+
 def test_per_row_sampler_matches_sampling_sample():
     import jax
 

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers.decoders import DecodeStream
 
 from ..api import Jamba, mesh_context
 from ..generate import encode_prompts, stop_token_ids
@@ -134,26 +135,37 @@ class Stream:
 
 
 class _Text:
-    """A request's text as tokens arrive: stop strings end it, and what is emitted is never taken back."""
+    """A request's text as tokens arrive: stop strings end it, and what is emitted is never taken back.
+
+    The text grows by each new token's piece (``tokenizers.decoders.DecodeStream``, which holds back a
+    partial UTF-8 character), so a token costs the same however long the request: decoding the whole
+    list at every token made a long generation quadratic."""
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop, self.emitted, self.stopped = tokenizer, tuple(stop), "", False
+        self._pieces = DecodeStream(skip_special_tokens=True) if tokenizer is not None else None
+        self._text = ""  # the text of the tokens taken so far (whole characters), as ``decode`` gives it
+        self._taken = 0  # tokens given to ``_pieces``
 
     def update(self, tokens: list[int]) -> tuple[str, int | None]:
         """(new text safe to emit, the number of tokens to keep if a stop string was reached, else None)."""
         if self.tokenizer is None:
             return "", None
-        text = self.tokenizer.decode(tokens)
-        cuts = [text.find(s) for s in self.stop if s in text]
+        searched = len(self._text)
+        for token in tokens[self._taken:]:
+            self._text += self._pieces.step(self.tokenizer, token) or ""
+        self._taken = len(tokens)
+        text = self._text
+        # A stop string not in the text before ends in its new part.
+        cuts = [i for s in self.stop if (i := text.find(s, max(0, searched - len(s) + 1))) >= 0]
         if cuts:
             keep = len(tokens)
             while keep and any(s in self.tokenizer.decode(tokens[:keep]) for s in self.stop):
                 keep -= 1
             self.stopped = True
             return self._emit(text[:min(cuts)]), keep
-        safe = text.rstrip("\ufffd")
-        hold = max((n for s in self.stop for n in range(1, len(s)) if safe.endswith(s[:n])), default=0)
-        return self._emit(safe[:len(safe) - hold]), None
+        hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return self._emit(text[:len(text) - hold]), None
 
     def final(self, tokens: list[int]) -> str:
         """The rest of the text at the end (nothing more after a stop string)."""
