@@ -200,28 +200,29 @@ def _chunkwise_numpy_writes():
                 handler._open_and_write = original
 
 
+def _glibc(function: str, *args) -> None:
+    """Calls the C library's ``function`` (a glibc memory tuning call); a no-op where there is none."""
+    try:
+        getattr(ctypes.CDLL(None), function)(*args)
+    except (OSError, AttributeError):
+        pass
+
+
 def _return_freed_buffers_to_os() -> None:
     """Makes glibc serve every allocation of 1 MiB or more (tensors, leaves, chunk buffers) by its own
     mmap, returned to the OS when freed. By default glibc raises that threshold up to 32 MiB as it goes,
     and the freed buffers of tensorstore's many threads then stay in per-thread heaps.
 
     Still needed with partial saving (measured, ``benchmarks/convert_memory.py --preset test``: peak RSS
-    growth 2.99x the largest leaf without it, 2.05x with it). A no-op elsewhere than glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    growth 2.99x the largest leaf without it, 2.05x with it)."""
+    _glibc("mallopt", ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
 
 
 def _trim_heaps() -> None:
     """Hands the free memory of glibc's heaps back to the OS (``malloc_trim``): what tensorstore's threads
     freed while writing a group stays in their per-thread heaps otherwise, and how much depends on which
-    thread ran where. A no-op elsewhere than glibc."""
-    try:
-        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
-    except (OSError, AttributeError):
-        pass
+    thread ran where."""
+    _glibc("malloc_trim", ctypes.c_size_t(0))
 
 
 def group_budget(leaf_bytes) -> int:

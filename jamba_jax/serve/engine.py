@@ -306,8 +306,7 @@ class Engine:
         with self._cond:
             if self.error is not None:
                 raise RuntimeError(f"the engine stopped: {self.error}")
-            free = sum(a is None and i not in self._reserved for i, a in enumerate(self._active))
-            if len(self._waiting) >= self.queue_size + free:
+            if len(self._waiting) >= self.queue_size + len(self._free_slots()):
                 raise QueueFull(f"{len(self._waiting)} requests are waiting; try again later")
             self._waiting.append(stream)
             self._cond.notify()
@@ -333,8 +332,7 @@ class Engine:
 
     @property
     def busy_slots(self) -> int:
-        reserved = set(self._reserved)
-        return sum(a is not None or i in reserved for i, a in enumerate(self._active))
+        return self.slots - len(self._free_slots())
 
     @property
     def waiting(self) -> int:
@@ -435,9 +433,13 @@ class Engine:
                 self._drain()
         self.steps += 1
 
+    def _free_slots(self) -> list[int]:
+        """The slots that hold no request and are not reserved for one being prefilled."""
+        return [i for i, a in enumerate(self._active) if a is None and i not in self._reserved]
+
     def _slots_full(self) -> bool:
         """Every slot holds a request or is reserved for one being prefilled: nothing can be admitted."""
-        return all(a is not None or i in self._reserved for i, a in enumerate(self._active))
+        return not self._free_slots()
 
     def _drain(self) -> None:
         """Takes the tokens of the step in flight, if any."""
@@ -472,7 +474,7 @@ class Engine:
         """Starts prefilling the next waiting prompts: one that extends a snapshot alone (from the snapshot),
         else up to ``prefill_rows`` fresh ones (as many as there are free slots) together."""
         with self._cond:
-            free = [i for i, a in enumerate(self._active) if a is None and i not in self._reserved]
+            free = self._free_slots()
             group, base = [], None
             while self._waiting and len(group) < min(len(free), self.prefill_rows):
                 found = self._base(self._waiting[0].prompt)
@@ -523,7 +525,6 @@ class Engine:
         job.start = -1
         if job.pieces:
             return
-        self._prefill = None
         rows = ids.shape[0]
         settings = [s.params if s is not None else Params() for s in job.streams]
         settings += [Params()] * (rows - len(settings))

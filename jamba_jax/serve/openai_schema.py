@@ -42,6 +42,16 @@ class _Common(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+def _refused_when_set(field: str):
+    """A validator refusing ``field`` when true (an OpenAI option this server does not support)."""
+    def check(cls, value):
+        if value:
+            raise ValueError(f"{field} is not supported")
+        return value
+
+    return field_validator(field)(classmethod(check))
+
+
 class CompletionRequest(_Common):
     prompt: str | TokenIds | list[str] | list[TokenIds]
     echo: bool = False
@@ -49,12 +59,7 @@ class CompletionRequest(_Common):
     best_of: int | None = Field(default=None, ge=1, le=1)
     suffix: None = None
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    _no_echo = _refused_when_set("echo")
 
     @property
     def single_prompt(self) -> str | TokenIds:
@@ -81,12 +86,7 @@ class ChatRequest(_Common):
     logprobs: bool = False
     tools: None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs is not supported")
-        return value
+    _no_logprobs = _refused_when_set("logprobs")
 
 
 def new_id(prefix: str) -> str:

@@ -71,17 +71,31 @@ def take_row(cache: dict, row, *, span: int) -> dict:
     return {**out, "pos": jnp.asarray(span, jnp.int32)}
 
 
+def _first_rows(cache: dict, rows: int) -> dict:
+    """The first ``rows`` rows of ``cache`` (leaves without a batch axis as they are)."""
+    def first(path, leaf):
+        batch, _ = _axes(path, leaf)
+        return leaf if batch is None else jax.lax.slice_in_dim(leaf, 0, rows, axis=batch)
+
+    return jax.tree_util.tree_map_with_path(first, cache)
+
+
+def _with_first_rows(cache: dict, part: dict) -> dict:
+    """``cache`` with its first rows replaced by ``part``'s (a cache of fewer rows), and ``part``'s leaves
+    without a batch axis (``pos``) in place of its own."""
+    def put(path, leaf, new):
+        batch, _ = _axes(path, leaf)
+        new = new.astype(leaf.dtype)
+        return new if batch is None else jax.lax.dynamic_update_slice_in_dim(leaf, new, 0, axis=batch)
+
+    return jax.tree_util.tree_map_with_path(put, cache, part)
+
+
 @functools.partial(jax.jit, donate_argnames="scratch")
 def restore(scratch: dict, snapshot: dict) -> dict:
     """``scratch`` with its first row replaced by the one-row ``snapshot`` and its ``pos`` set to the
     snapshot's (the other rows keep stale contents: a snapshot seeds one-row prefills only)."""
-    def put(path, leaf, one):
-        batch, _ = _axes(path, leaf)
-        if batch is None:
-            return one.astype(leaf.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(leaf, one.astype(leaf.dtype), 0, axis=batch)
-
-    return jax.tree_util.tree_map_with_path(put, scratch, snapshot)
+    return _with_first_rows(scratch, snapshot)
 
 
 @functools.partial(jax.jit, static_argnames="spec", donate_argnames="scratch")
@@ -95,18 +109,8 @@ def prefill_rows(params, scratch, ids, valid, start, *, spec: ModelSpec):
     scratch = {**scratch, "pos": jnp.where(start >= 0, start, scratch["pos"]).astype(jnp.int32)}
     if rows == scratch["valid"].shape[0]:
         return apply_step(params, scratch, ids, valid, spec=spec)
-
-    def first(path, leaf):
-        batch, _ = _axes(path, leaf)
-        return leaf if batch is None else jax.lax.slice_in_dim(leaf, 0, rows, axis=batch)
-
-    logits, part = apply_step(params, jax.tree_util.tree_map_with_path(first, scratch), ids, valid, spec=spec)
-
-    def put(path, leaf, new):
-        batch, _ = _axes(path, leaf)
-        return new if batch is None else jax.lax.dynamic_update_slice_in_dim(leaf, new, 0, axis=batch)
-
-    return logits, jax.tree_util.tree_map_with_path(put, scratch, part)
+    logits, part = apply_step(params, _first_rows(scratch, rows), ids, valid, spec=spec)
+    return logits, _with_first_rows(scratch, part)
 
 
 def resetter(scratch: dict):
